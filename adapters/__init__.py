@@ -1,0 +1,31 @@
+"""Test-time adapters of BatchNorm statistics, and the engine that serves many streams at once.
+
+``ADAPTERS`` maps each canonical name to its :class:`~adapters.base.Adapter`; ``get_adapter``
+fails with the valid names.
+"""
+
+from adapters import adabn, alpha_bn, momentum, source, tbn, unmix_tns
+from adapters.base import Adapter, AdapterError, StateMismatchError, UnknownAdapterError
+
+ADAPTERS: dict[str, Adapter] = {
+    module.ADAPTER.name: module.ADAPTER
+    for module in (source, tbn, adabn, alpha_bn, unmix_tns, momentum)
+}
+
+
+def get_adapter(name: str) -> Adapter:
+    """The registered adapter of this name, or UnknownAdapterError listing the valid ones."""
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise UnknownAdapterError(name, sorted(ADAPTERS)) from None
+
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "AdapterError",
+    "StateMismatchError",
+    "UnknownAdapterError",
+    "get_adapter",
+]

@@ -1,0 +1,112 @@
+"""Drift signals from BatchNorm statistics (ALGORITHMS.md section 10).
+
+Every stream keeps, whatever its adapter, an observer state: per BN layer a running Gaussian of
+its input features (Chan-merged like AdaBN, capped at a window of images) and, at the head,
+windowed sums of prediction entropy, confidence and predicted-class counts. The measures compare
+the stream's Gaussian N(mu_t, v_t) with the source's N(mu_s, v_s) per channel, with the layer's
+eps added to both variances (near-dead channels would otherwise dominate every ratio).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from adapters.base import Moments, SourceStats, State, chan_merge
+
+EARLY_LATE_FRACTION = 1 / 3  # the first and last third of the BN layers
+
+
+def init_observer(source: SourceStats) -> State:
+    """An empty running Gaussian for one layer."""
+    zeros = torch.zeros_like(source.mean, dtype=torch.float64)
+    return {"obs.n": zeros.new_zeros(()), "obs.mean": zeros, "obs.m2": zeros.clone()}
+
+
+def observe(state: State, moments: Moments, window: Tensor) -> State:
+    """Fold each stream's batch into its windowed running Gaussian."""
+    n, mean, m2 = chan_merge(state["obs.n"], state["obs.mean"], state["obs.m2"], moments, window)
+    return {"obs.n": n, "obs.mean": mean, "obs.m2": m2}
+
+
+def init_head(num_classes: int, device: torch.device) -> State:
+    """Empty windowed sums of the predictions."""
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    return {
+        "head.n": zero,
+        "head.entropy": zero.clone(),
+        "head.confidence": zero.clone(),
+        "head.classes": torch.zeros(num_classes, dtype=torch.float64, device=device),
+    }
+
+
+def observe_head(state: State, logits: Tensor, segment: Tensor, window: Tensor) -> State:
+    """Add each stream's predictions to its windowed sums (rescaled to the window like the layers)."""
+    probs = torch.softmax(logits.float(), dim=-1).double()
+    entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)
+    confidence, predicted = probs.max(-1)
+    new = {
+        "head.n": state["head.n"].index_add(0, segment, torch.ones_like(entropy)),
+        "head.entropy": state["head.entropy"].index_add(0, segment, entropy),
+        "head.confidence": state["head.confidence"].index_add(0, segment, confidence),
+        "head.classes": state["head.classes"].index_put(
+            (segment, predicted), torch.ones_like(entropy), accumulate=True
+        ),
+    }
+    shrink = (window / new["head.n"].clamp(min=1)).clamp(max=1.0)
+    return {key: value * (shrink if value.ndim == 1 else shrink[:, None]) for key, value in new.items()}
+
+
+def gaussian_distances(mu_t: Tensor, var_t: Tensor, source: SourceStats) -> dict[str, Tensor]:
+    """Per-channel distances between the stream's and the source's Gaussians."""
+    mu_s, v_s = source.mean.double(), source.var.double() + source.eps
+    v_t = var_t + source.eps
+    d = mu_t - mu_s
+    kl = 0.5 * (v_t / v_s + d.square() / v_s - 1 + torch.log(v_s / v_t))
+    jeffreys = 0.5 * (v_t / v_s + v_s / v_t - 2 + d.square() * (1 / v_s + 1 / v_t))
+    w2 = d.square() + (v_t.sqrt() - v_s.sqrt()).square()
+    bhattacharyya = d.square() / (4 * (v_s + v_t)) + 0.5 * torch.log((v_s + v_t) / (2 * (v_s * v_t).sqrt()))
+    return {
+        "kl": kl,
+        "jeffreys": jeffreys,
+        "w2": w2,
+        "w2n": w2 / v_s,
+        "hellinger": 1 - torch.exp(-bhattacharyya),
+        "z": d / v_s.sqrt(),
+        "log_var_ratio": torch.log(v_t / v_s),
+    }
+
+
+SUMMARY_MEASURES = ("jeffreys", "w2n", "hellinger")
+
+
+def drift_report(layers: Sequence[State], head: State, sources: Sequence[SourceStats]) -> dict:
+    """One stream's drift: per-layer channel means, early/late/overall summaries, predictions.
+
+    ``layers`` and ``head`` hold one stream's observer rows (no slot dimension).
+    """
+    per_layer: dict[str, list[float]] = {name: [] for name in SUMMARY_MEASURES}
+    images = float(head["head.n"])
+    for state, source in zip(layers, sources, strict=True):
+        n = state["obs.n"]
+        var = state["obs.m2"] / n.clamp(min=1)
+        distances = gaussian_distances(state["obs.mean"], var, source)
+        for name in SUMMARY_MEASURES:
+            per_layer[name].append(float(distances[name].mean()) if n > 0 else 0.0)
+    count = max(1, round(len(sources) * EARLY_LATE_FRACTION))
+    return {
+        "images": images,
+        "layers": per_layer,
+        "early": {name: _mean(values[:count]) for name, values in per_layer.items()},
+        "late": {name: _mean(values[-count:]) for name, values in per_layer.items()},
+        "overall": {name: _mean(values) for name, values in per_layer.items()},
+        "entropy": float(head["head.entropy"]) / images if images else None,
+        "confidence": float(head["head.confidence"]) / images if images else None,
+        "class_frequencies": (head["head.classes"] / images).tolist() if images else None,
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

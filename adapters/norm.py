@@ -1,0 +1,94 @@
+"""The stream-aware BatchNorm layer that replaces every ``BatchNorm2d`` of a served model.
+
+Outside a batch context it is the source model's eval-mode BN. Inside one (set by the engine for
+the duration of one forward), it asks the batch for the per-image statistics to normalise with:
+the batch computes per-image moments once, lets each group of streams' adapter turn them into
+statistics (vectorised over the group's streams), and stages the groups' new states.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adapters.base import SourceStats
+
+
+class BatchContext(Protocol):
+    """What a norm layer needs from the forward in progress."""
+
+    def statistics(self, layer: StreamNorm2d, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-image (mean, var) ``[N, C]`` for layer input ``x``."""
+        ...
+
+
+ACTIVE_BATCH: ContextVar[BatchContext | None] = ContextVar("tta_active_batch", default=None)
+
+
+class StreamNorm2d(nn.Module):
+    """A BatchNorm2d whose statistics come from each image's stream state."""
+
+    def __init__(self, bn: nn.BatchNorm2d, index: int) -> None:
+        super().__init__()
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("BatchNorm2d without running statistics cannot be served")
+        self.index = index
+        self.eps = bn.eps
+        self.momentum = 0.1 if bn.momentum is None else bn.momentum
+        self.register_buffer("running_mean", bn.running_mean.detach().clone().float())
+        self.register_buffer("running_var", bn.running_var.detach().clone().float())
+        ones = torch.ones_like(self.running_mean)
+        weight = bn.weight.detach().clone() if bn.weight is not None else ones
+        bias = bn.bias.detach().clone() if bn.bias is not None else torch.zeros_like(ones)
+        self.register_buffer("weight", weight.float())
+        self.register_buffer("bias", bias.float())
+
+    @property
+    def source(self) -> SourceStats:
+        """The layer's source statistics (on its current device)."""
+        return SourceStats(self.running_mean, self.running_var, self.eps, self.momentum)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch = ACTIVE_BATCH.get()
+        if batch is None:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        mean, var = batch.statistics(self, x)
+        scale = self.weight * torch.rsqrt(var.float() + self.eps)  # [N, C]
+        shift = self.bias - mean.float() * scale
+        return torch.addcmul(shift.to(x.dtype)[..., None, None], x, scale.to(x.dtype)[..., None, None])
+
+    def extra_repr(self) -> str:
+        return f"{self.running_mean.numel()}, eps={self.eps}, index={self.index}"
+
+
+def convert_batchnorm(model: nn.Module) -> list[StreamNorm2d]:
+    """Replace every BatchNorm2d of ``model`` in place by a StreamNorm2d; return them in order.
+
+    Only BatchNorm2d is adapted: BatchNorm1d layers (L = 1, no instance statistics) keep the
+    source statistics, as in the reference codes (ALGORITHMS.md section 0).
+    """
+    layers: list[StreamNorm2d] = []
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                layer = StreamNorm2d(child, len(layers))
+                setattr(parent, name, layer)
+                layers.append(layer)
+    return layers
+
+
+def instance_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image, per-channel mean and biased variance over H*W, in float32 (two-pass, exact)."""
+    if x.is_cuda:
+        var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=0)
+        return mean, var
+    mean = x.mean((2, 3), dtype=torch.float32)
+    centered = x - mean.to(x.dtype)[..., None, None]
+    var = centered.square().mean((2, 3), dtype=torch.float32)
+    return mean, var

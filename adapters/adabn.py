@@ -27,8 +27,12 @@ class AdaBNConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prior_images: float = Field(0.0, ge=0, le=1e9, description="source prior strength n0, in images")
-    window: int | None = Field(None, ge=1, description="forget beyond this many images (None: never)")
+    prior_images: float = Field(
+        0.0, ge=0, le=1e9, description="source prior strength n0, in images"
+    )
+    window: int | None = Field(
+        None, ge=1, description="forget beyond this many images (None: never)"
+    )
 
 
 def init_state(source: SourceStats, config: AdaBNConfig, generator: torch.Generator) -> State:
@@ -43,7 +47,9 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
     return {"n": n, "mean": mean, "m2": m2}
 
 
-def norm_stats(state: State, moments: Moments, source: SourceStats, hp: HParams) -> tuple[Tensor, Tensor]:
+def norm_stats(
+    state: State, moments: Moments, source: SourceStats, hp: HParams
+) -> tuple[Tensor, Tensor]:
     """The stream's population estimate, mixed with the source prior when n0 > 0."""
     n = state["n"]
     seen = n > 0

@@ -37,7 +37,9 @@ class AlphaBNConfig(BaseModel):
     unbiased: bool = Field(False, description="mix the unbiased batch variance, as TTA-LIB does")
 
 
-def norm_stats(state: State, moments: Moments, source: SourceStats, hp: HParams) -> tuple[Tensor, Tensor]:
+def norm_stats(
+    state: State, moments: Moments, source: SourceStats, hp: HParams
+) -> tuple[Tensor, Tensor]:
     """Source and batch statistics mixed with weight alpha on the batch."""
     values = moments.images * moments.pixels
     correction = (values / (values - 1).clamp(min=1)) ** hp["unbiased"]

@@ -43,7 +43,7 @@ def init_head(num_classes: int, device: torch.device) -> State:
 
 
 def observe_head(state: State, logits: Tensor, segment: Tensor, window: Tensor) -> State:
-    """Add each stream's predictions to its windowed sums (rescaled to the window like the layers)."""
+    """Add each stream's predictions to its windowed sums, rescaled to the window."""
     probs = torch.softmax(logits.float(), dim=-1).double()
     entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)
     confidence, predicted = probs.max(-1)
@@ -56,7 +56,9 @@ def observe_head(state: State, logits: Tensor, segment: Tensor, window: Tensor) 
         ),
     }
     shrink = (window / new["head.n"].clamp(min=1)).clamp(max=1.0)
-    return {key: value * (shrink if value.ndim == 1 else shrink[:, None]) for key, value in new.items()}
+    return {
+        key: value * (shrink if value.ndim == 1 else shrink[:, None]) for key, value in new.items()
+    }
 
 
 def gaussian_distances(mu_t: Tensor, var_t: Tensor, source: SourceStats) -> dict[str, Tensor]:
@@ -67,7 +69,9 @@ def gaussian_distances(mu_t: Tensor, var_t: Tensor, source: SourceStats) -> dict
     kl = 0.5 * (v_t / v_s + d.square() / v_s - 1 + torch.log(v_s / v_t))
     jeffreys = 0.5 * (v_t / v_s + v_s / v_t - 2 + d.square() * (1 / v_s + 1 / v_t))
     w2 = d.square() + (v_t.sqrt() - v_s.sqrt()).square()
-    bhattacharyya = d.square() / (4 * (v_s + v_t)) + 0.5 * torch.log((v_s + v_t) / (2 * (v_s * v_t).sqrt()))
+    bhattacharyya = d.square() / (4 * (v_s + v_t)) + 0.5 * torch.log(
+        (v_s + v_t) / (2 * (v_s * v_t).sqrt())
+    )
     return {
         "kl": kl,
         "jeffreys": jeffreys,

@@ -254,7 +254,8 @@ class Engine:
         token = ACTIVE_BATCH.set(batch)
         try:
             with torch.autocast(
-                self.device.type, self.autocast_dtype or torch.float32,
+                self.device.type,
+                self.autocast_dtype or torch.float32,
                 enabled=self.autocast_dtype is not None,
             ):
                 logits = self.model(x).float()
@@ -277,7 +278,8 @@ class Engine:
         """Logits of the unadapted source model."""
         x = images.to(self.device, non_blocking=True)
         with torch.autocast(
-            self.device.type, self.autocast_dtype or torch.float32,
+            self.device.type,
+            self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
         ):
             return self.model(x).float()

@@ -16,7 +16,7 @@ Deviations (named):
   advances t by B / batch_ref with momentum 1 - (1 - eta_t)^(B / batch_ref); B = batch_ref is
   exactly the paper's step.
 - ``eta_min`` (extension, default 0): a floor on the momentum for continual streams.
-The optional affine-parameter losses of the paper (sections 6.2-6.4) need backprop and are out of scope.
+The paper's optional affine-parameter losses (sections 6.2-6.4) need backprop: out of scope.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
     }
 
 
-def norm_stats(state: State, moments: Moments, source: SourceStats, hp: HParams) -> tuple[Tensor, Tensor]:
+def norm_stats(
+    state: State, moments: Moments, source: SourceStats, hp: HParams
+) -> tuple[Tensor, Tensor]:
     """Source weight w on the source, 1 - w on the exactly pooled target batches."""
     w = state["w"][:, None]
     target = 1 - w

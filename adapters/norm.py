@@ -61,7 +61,9 @@ class StreamNorm2d(nn.Module):
         mean, var = batch.statistics(self, x)
         scale = self.weight * torch.rsqrt(var.float() + self.eps)  # [N, C]
         shift = self.bias - mean.float() * scale
-        return torch.addcmul(shift.to(x.dtype)[..., None, None], x, scale.to(x.dtype)[..., None, None])
+        return torch.addcmul(
+            shift.to(x.dtype)[..., None, None], x, scale.to(x.dtype)[..., None, None]
+        )
 
     def extra_repr(self) -> str:
         return f"{self.running_mean.numel()}, eps={self.eps}, index={self.index}"

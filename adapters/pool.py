@@ -120,7 +120,9 @@ class StatePool:
 
 
 def _slotted(state: State, capacity: int) -> State:
-    return {k: v.unsqueeze(0).repeat(capacity, *([1] * v.ndim)).contiguous() for k, v in state.items()}
+    return {
+        k: v.unsqueeze(0).repeat(capacity, *([1] * v.ndim)).contiguous() for k, v in state.items()
+    }
 
 
 def _flatten(layers: Sequence[State], head: State) -> dict[str, Tensor]:

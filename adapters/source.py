@@ -18,7 +18,9 @@ class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def norm_stats(state: State, moments: Moments, source: SourceStats, hp: HParams) -> tuple[Tensor, Tensor]:
+def norm_stats(
+    state: State, moments: Moments, source: SourceStats, hp: HParams
+) -> tuple[Tensor, Tensor]:
     """The source statistics for every stream."""
     streams = moments.mean.shape[0]
     return source.mean.double().expand(streams, -1), source.var.double().expand(streams, -1)

@@ -21,7 +21,9 @@ class TBNConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def norm_stats(state: State, moments: Moments, source: SourceStats, hp: HParams) -> tuple[Tensor, Tensor]:
+def norm_stats(
+    state: State, moments: Moments, source: SourceStats, hp: HParams
+) -> tuple[Tensor, Tensor]:
     """The batch statistics of each stream's segment."""
     return moments.mean, moments.var
 

@@ -63,7 +63,9 @@ def assign(state: State, moments: Moments, hp: HParams) -> Tensor:
     return torch.softmax(cosine / hp["tau"][moments.segment, None].float(), dim=-1)
 
 
-def norm_stats(state: State, moments: Moments, source: SourceStats, hp: HParams) -> tuple[Tensor, Tensor]:
+def norm_stats(
+    state: State, moments: Moments, source: SourceStats, hp: HParams
+) -> tuple[Tensor, Tensor]:
     """Per image: the moments of the K components with the image mixed into each."""
     p = assign(state, moments, hp).unsqueeze(-1)  # [N, K, 1]
     means = state["means"][moments.segment]  # [N, K, C]
@@ -79,8 +81,10 @@ def norm_stats(state: State, moments: Moments, source: SourceStats, hp: HParams)
 def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> State:
     """Move every component towards the images it explains, by lam / B times their weight."""
     p = assign(state, moments, hp)  # [N, K]
-    streams, k, channels = state["means"].shape
-    weight = torch.zeros((streams, k), dtype=p.dtype, device=p.device).index_add_(0, moments.segment, p)
+    streams, k, _ = state["means"].shape
+    weight = torch.zeros((streams, k), dtype=p.dtype, device=p.device).index_add_(
+        0, moments.segment, p
+    )
     pulled_mean = torch.zeros_like(state["means"]).index_add_(
         0, moments.segment, p.unsqueeze(-1) * moments.sample_mean.unsqueeze(1)
     )
@@ -97,6 +101,11 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
 
 
 ADAPTER = Adapter(
-    "unmix_tns", UnMixTNSConfig, init_state, norm_stats, update, per_sample=True,
+    "unmix_tns",
+    UnMixTNSConfig,
+    init_state,
+    norm_stats,
+    update,
+    per_sample=True,
     structural=("components",),
 )

@@ -1,0 +1,713 @@
+"""Stream state stores: where a stream's record (metadata + opaque state bytes) persists.
+
+Three backends share one contract (`StateStore`):
+
+- `MemoryStore`: a dict in this process; nothing survives a restart (tests, ephemeral servers).
+- `LocalStore`: one file per stream in a directory, written atomically (temp file, fsync,
+  rename, fsync of the directory); the embedded default.
+- `RedisStore`: one Redis hash per stream plus a set of ids, for several replicas.
+
+Every backend failure (I/O, Redis connection, a corrupt entry read by `get`) is raised as
+`StoreError`. The stores never interpret `state`; it is the engine's safetensors blob, stored
+byte for byte. Nothing is pickled: a record is a JSON header plus the raw state bytes.
+
+On-disk/in-Redis encoding of a record (`encode_record` / `decode_record`)::
+
+    MAGIC (8 bytes, b"TTASTRM" + format version byte 0x01)
+    header length (4 bytes, unsigned big-endian)
+    header (UTF-8 JSON object: id, model, adapter, config, seed, created_at, ttl_seconds,
+            state_length, state_sha256)
+    state (state_length raw bytes; must hash to state_sha256)
+
+`LocalStore` writes exactly that to `<sha256(id) hex>.stream`; `RedisStore` keeps the header JSON
+in the hash field `meta` and the raw state in the field `state`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"TTASTRM\x01"
+"""The first bytes of every local stream file: b"TTASTRM" and the format version (1)."""
+
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+"""A header longer than this is refused on write and treated as corruption on read."""
+
+STREAM_FILE_SUFFIX = ".stream"
+_TEMP_PREFIX = ".tmp-"
+_LENGTH = struct.Struct(">I")
+_STREAM_FILE = re.compile(r"^[0-9a-f]{64}\.stream$")
+_REDIS_SCAN_CHUNK = 256
+
+StoreKind = Literal["memory", "local", "redis"]
+STORE_KINDS: tuple[StoreKind, ...] = ("memory", "local", "redis")
+
+
+class StoreError(Exception):
+    """A state store failed: I/O, a lost Redis connection, a corrupt entry, a closed store."""
+
+
+class CorruptRecordError(StoreError):
+    """A stored entry exists but cannot be decoded (truncated, bad magic, checksum mismatch)."""
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    """Everything persisted about one stream: its identity, settings and opaque state bytes."""
+
+    id: str
+    model: str
+    adapter: str
+    config: dict[str, Any]
+    seed: int
+    created_at: float
+    ttl_seconds: float | None
+    state: bytes
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Persistence of stream records; synchronous and safe to call from several threads."""
+
+    def put(self, record: StreamRecord) -> None:
+        """Store `record`, replacing any record with the same id; durable when it returns."""
+        ...
+
+    def get(self, stream_id: str) -> StreamRecord | None:
+        """The record of `stream_id`, or None if absent; StoreError if it is corrupt."""
+        ...
+
+    def delete(self, stream_id: str) -> None:
+        """Remove the record of `stream_id`; no error if it is absent."""
+        ...
+
+    def ids(self) -> list[str]:
+        """The ids of all stored streams, sorted."""
+        ...
+
+    def load_all(self) -> Iterator[StreamRecord]:
+        """Every stored record, sorted by id, skipping (and logging) corrupt entries."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; later calls raise StoreError. Idempotent."""
+        ...
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+
+def encode_header(record: StreamRecord) -> bytes:
+    """The record's UTF-8 JSON header: every field except `state`, plus its length and sha256."""
+    header = {
+        "id": record.id,
+        "model": record.model,
+        "adapter": record.adapter,
+        "config": record.config,
+        "seed": record.seed,
+        "created_at": record.created_at,
+        "ttl_seconds": record.ttl_seconds,
+        "state_length": len(record.state),
+        "state_sha256": hashlib.sha256(record.state).hexdigest(),
+    }
+    try:
+        # allow_nan=False: NaN/Infinity are not JSON, and other readers would reject them
+        text = json.dumps(header, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"stream {record.id!r}: record is not JSON-serializable: {exc}") from exc
+    data = text.encode("utf-8")
+    if len(data) > MAX_HEADER_BYTES:
+        raise StoreError(
+            f"stream {record.id!r}: header is {len(data)} bytes, over {MAX_HEADER_BYTES}"
+        )
+    return data
+
+
+def encode_record(record: StreamRecord) -> bytes:
+    """The full binary form of `record`: magic, header length, JSON header, raw state."""
+    header = encode_header(record)
+    return b"".join((MAGIC, _LENGTH.pack(len(header)), header, record.state))
+
+
+def decode_header(data: bytes) -> dict[str, Any]:
+    """Parse and type-check a JSON header; CorruptRecordError if it is not a valid one."""
+    try:
+        header = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptRecordError(f"header is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CorruptRecordError("header is not a JSON object")
+    checks: dict[str, tuple[type, ...]] = {
+        "id": (str,),
+        "model": (str,),
+        "adapter": (str,),
+        "config": (dict,),
+        "seed": (int,),
+        "created_at": (int, float),
+        "ttl_seconds": (int, float, type(None)),
+        "state_length": (int,),
+        "state_sha256": (str,),
+    }
+    for name, types in checks.items():
+        value = header.get(name)
+        # bool is an int subclass, but never a valid seed, time or length
+        if name not in header or not isinstance(value, types) or isinstance(value, bool):
+            raise CorruptRecordError(f"header field {name!r} is missing or has the wrong type")
+    if header["state_length"] < 0:
+        raise CorruptRecordError("header field 'state_length' is negative")
+    return header
+
+
+def record_from_parts(header: dict[str, Any], state: bytes) -> StreamRecord:
+    """Build a record from a decoded header and the state bytes, checking length and sha256."""
+    if len(state) != header["state_length"]:
+        raise CorruptRecordError(
+            f"state is {len(state)} bytes, the header says {header['state_length']} (truncated?)"
+        )
+    if hashlib.sha256(state).hexdigest() != header["state_sha256"]:
+        raise CorruptRecordError("state bytes do not match the sha256 in the header")
+    return StreamRecord(
+        id=header["id"],
+        model=header["model"],
+        adapter=header["adapter"],
+        config=header["config"],
+        seed=header["seed"],
+        created_at=float(header["created_at"]),
+        ttl_seconds=None if header["ttl_seconds"] is None else float(header["ttl_seconds"]),
+        state=state,
+    )
+
+
+def _header_length(prefix: bytes) -> int:
+    """Check the magic in the fixed prefix (magic + length) and return the header length."""
+    if len(prefix) < len(MAGIC) + _LENGTH.size:
+        raise CorruptRecordError(f"only {len(prefix)} bytes, shorter than the fixed prefix")
+    if prefix[: len(MAGIC)] != MAGIC:
+        raise CorruptRecordError(
+            "bad magic bytes (not a tta-serve stream file, or another version)"
+        )
+    (length,) = _LENGTH.unpack_from(prefix, len(MAGIC))
+    if length > MAX_HEADER_BYTES:
+        raise CorruptRecordError(f"header length {length} is over {MAX_HEADER_BYTES}")
+    return int(length)
+
+
+def decode_record(data: bytes) -> StreamRecord:
+    """Parse the binary form written by `encode_record`; CorruptRecordError if it is invalid."""
+    start = len(MAGIC) + _LENGTH.size
+    end = start + _header_length(data[:start])
+    if len(data) < end:
+        raise CorruptRecordError("truncated inside the header")
+    return record_from_parts(decode_header(data[start:end]), data[end:])
+
+
+# --- memory --------------------------------------------------------------------------------
+
+
+class MemoryStore:
+    """Records in a dict of this process; nothing persists. For tests and ephemeral servers.
+
+    Records are kept encoded, so a record is JSON-checked on `put` exactly as in the other
+    backends and a caller mutating `config` afterwards does not change what is stored.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[bytes, bytes]] = {}
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("memory store is closed")
+
+    def put(self, record: StreamRecord) -> None:
+        """Store `record`, replacing any record with the same id."""
+        header = encode_header(record)
+        with self._lock:
+            self._check_open()
+            self._entries[record.id] = (header, record.state)
+
+    def get(self, stream_id: str) -> StreamRecord | None:
+        """The record of `stream_id`, or None if absent."""
+        with self._lock:
+            self._check_open()
+            entry = self._entries.get(stream_id)
+        if entry is None:
+            return None
+        return record_from_parts(decode_header(entry[0]), entry[1])
+
+    def delete(self, stream_id: str) -> None:
+        """Remove the record of `stream_id`; no error if it is absent."""
+        with self._lock:
+            self._check_open()
+            self._entries.pop(stream_id, None)
+
+    def ids(self) -> list[str]:
+        """The ids of all stored streams, sorted."""
+        with self._lock:
+            self._check_open()
+            return sorted(self._entries)
+
+    def load_all(self) -> Iterator[StreamRecord]:
+        """Every stored record, sorted by id (a snapshot taken when iteration starts)."""
+        with self._lock:
+            self._check_open()
+            snapshot = sorted(self._entries.items())
+        for _, (header, state) in snapshot:
+            yield record_from_parts(decode_header(header), state)
+
+    def close(self) -> None:
+        """Drop every record; later calls raise StoreError."""
+        with self._lock:
+            self._closed = True
+            self._entries.clear()
+
+
+# --- local directory -----------------------------------------------------------------------
+
+
+def stream_file_name(stream_id: str) -> str:
+    """The file name of a stream in a LocalStore: sha256 of the UTF-8 id, hex, plus `.stream`.
+
+    Derived by hashing, never from the id's characters, so no id can name a path outside the
+    store's directory (`../x`, `/etc/passwd`, NUL bytes, reserved names).
+    """
+    return hashlib.sha256(stream_id.encode("utf-8")).hexdigest() + STREAM_FILE_SUFFIX
+
+
+def _fsync_directory(directory: Path) -> None:
+    """fsync a directory so that a rename or unlink inside it survives a power loss."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStore:
+    """One file per stream in `directory`, each written atomically; the embedded default store.
+
+    A write goes to a temp file in the same directory, is flushed and fsynced, renamed over the
+    stream's file (`os.replace`, atomic on POSIX), and the directory is fsynced: a crash leaves
+    either the old or the new record, never a torn one. Leftover temp files (a crash between
+    create and rename) are ignored by `ids` and `load_all`.
+
+    Args:
+        directory: where the stream files live.
+        create: create `directory` (and its parents) if missing; with False a missing
+            directory is a StoreError.
+
+    Example:
+        >>> store = LocalStore(Path("/var/lib/tta-serve/streams"))  # doctest: +SKIP
+        >>> store.put(record)  # doctest: +SKIP
+    """
+
+    def __init__(self, directory: Path, *, create: bool = True) -> None:
+        self.directory = Path(directory)
+        self._closed = False
+        try:
+            if create:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            if not self.directory.is_dir():
+                raise StoreError(f"state directory {self.directory} does not exist")
+            # fail at start-up rather than at the first write if the directory is not writable
+            fd, probe = tempfile.mkstemp(dir=self.directory, prefix=_TEMP_PREFIX)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StoreError(f"state directory {self.directory} is not usable: {exc}") from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"local store at {self.directory} is closed")
+
+    def path_for(self, stream_id: str) -> Path:
+        """The file that holds (or would hold) the record of `stream_id`."""
+        return self.directory / stream_file_name(stream_id)
+
+    def put(self, record: StreamRecord) -> None:
+        """Write `record` atomically and durably (fsync of file and directory) before returning."""
+        self._check_open()
+        data = encode_record(record)
+        path = self.path_for(record.id)
+        tmp: str | None = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=_TEMP_PREFIX)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            tmp = None
+            _fsync_directory(self.directory)
+        except OSError as exc:
+            raise StoreError(f"cannot write stream {record.id!r} to {path}: {exc}") from exc
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    logger.warning("could not remove temp file %s", tmp)
+
+    def _read(self, path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+
+    def _decode_file(self, path: Path, data: bytes) -> StreamRecord:
+        record = decode_record(data)
+        # the name is the hash of the id: a file copied or renamed from another stream is caught
+        if stream_file_name(record.id) != path.name:
+            raise CorruptRecordError(f"file name does not match the stored id {record.id!r}")
+        return record
+
+    def get(self, stream_id: str) -> StreamRecord | None:
+        """The record of `stream_id`, None if absent, StoreError if its file is corrupt."""
+        self._check_open()
+        path = self.path_for(stream_id)
+        data = self._read(path)
+        if data is None:
+            return None
+        try:
+            return self._decode_file(path, data)
+        except CorruptRecordError as exc:
+            raise CorruptRecordError(f"stream {stream_id!r} in {path} is corrupt: {exc}") from exc
+
+    def delete(self, stream_id: str) -> None:
+        """Remove the stream's file (and fsync the directory); no error if it is absent."""
+        self._check_open()
+        path = self.path_for(stream_id)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot delete stream {stream_id!r} at {path}: {exc}") from exc
+        try:
+            _fsync_directory(self.directory)
+        except OSError as exc:
+            raise StoreError(f"cannot fsync {self.directory}: {exc}") from exc
+
+    def _stream_files(self) -> list[Path]:
+        try:
+            names = os.listdir(self.directory)
+        except OSError as exc:
+            raise StoreError(f"cannot list state directory {self.directory}: {exc}") from exc
+        return [self.directory / name for name in sorted(names) if _STREAM_FILE.match(name)]
+
+    def _read_header(self, path: Path) -> dict[str, Any] | None:
+        """Only the JSON header of a stream file, checked against the file's name and size.
+
+        Lets `ids()` list streams without reading every state blob; None if the file vanished.
+        """
+        try:
+            with path.open("rb") as f:
+                prefix = f.read(len(MAGIC) + _LENGTH.size)
+                length = _header_length(prefix)
+                header_bytes = f.read(length)
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+        if len(header_bytes) != length:
+            raise CorruptRecordError("truncated inside the header")
+        header = decode_header(header_bytes)
+        if stream_file_name(header["id"]) != path.name:
+            raise CorruptRecordError(f"file name does not match the stored id {header['id']!r}")
+        expected = len(prefix) + length + header["state_length"]
+        if size != expected:
+            raise CorruptRecordError(
+                f"file is {size} bytes, the header says {expected} (truncated?)"
+            )
+        return header
+
+    def _scan(self) -> list[tuple[str, Path]]:
+        """(id, path) of every stream file whose header is valid, sorted by id."""
+        found = []
+        for path in self._stream_files():
+            try:
+                header = self._read_header(path)
+            except StoreError as exc:
+                logger.warning("skipping stream file %s: %s", path, exc)
+                continue
+            if header is not None:
+                found.append((header["id"], path))
+        return sorted(found)
+
+    def ids(self) -> list[str]:
+        """The ids of all stream files with a valid header, sorted; corrupt ones are logged.
+
+        Reads headers only: a file whose state bytes are damaged but of the right length is
+        listed here, and skipped by `load_all` (which verifies the state's sha256).
+        """
+        self._check_open()
+        return [stream_id for stream_id, _ in self._scan()]
+
+    def load_all(self) -> Iterator[StreamRecord]:
+        """Every readable record, sorted by id; corrupt or unreadable files are logged, skipped.
+
+        Files are read one at a time as the iterator advances, so memory holds one state.
+        """
+        self._check_open()
+        for _, path in self._scan():
+            try:
+                data = self._read(path)
+                record = None if data is None else self._decode_file(path, data)
+            except StoreError as exc:
+                logger.warning("skipping stream file %s: %s", path, exc)
+                continue
+            if record is not None:  # None: deleted since the scan
+                yield record
+
+    def close(self) -> None:
+        """Mark the store closed (every write is already durable); later calls raise."""
+        self._closed = True
+
+
+# --- redis ---------------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """`url` without its password, for error messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return "<unparsable redis url>"
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+class RedisStore:
+    """One Redis hash per stream (`<prefix>stream:<id>`, fields `meta` and `state`), ids in a set.
+
+    A put sets both hash fields and adds the id to `<prefix>ids` in one MULTI/EXEC transaction,
+    so readers never see a half-written stream. Both commands are idempotent, so redis-py's
+    retry of a transaction after a dropped connection is safe. Durability across a Redis restart
+    is Redis's own (AOF/RDB settings): `put` returns once Redis has applied the write.
+
+    Args:
+        url: a redis-py URL, e.g. `redis://127.0.0.1:6379/0` (passwords never appear in errors).
+        prefix: namespace of every key, so several deployments can share one Redis.
+        socket_timeout: seconds for connecting and for each command; short, so that a dead
+            Redis becomes a StoreError quickly instead of blocking the worker thread.
+        retries: retries of a command after a connection error or timeout.
+
+    Raises StoreError at construction if Redis does not answer PING.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "tta:",
+        *,
+        socket_timeout: float = 2.0,
+        retries: int = 1,
+    ) -> None:
+        self.prefix = prefix
+        self._url = redact_url(url)
+        self._closed = False
+        self._ids_key = f"{prefix}ids"
+        try:
+            self._client = redis.Redis.from_url(
+                url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+                decode_responses=False,
+            )
+            self._client.ping()
+        except (redis.RedisError, ValueError) as exc:
+            raise StoreError(f"Redis at {self._url} is not reachable: {exc}") from exc
+
+    def _key(self, stream_id: str) -> str:
+        return f"{self.prefix}stream:{stream_id}"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"Redis store at {self._url} is closed")
+
+    def _error(self, action: str, exc: Exception) -> StoreError:
+        return StoreError(f"Redis at {self._url}: cannot {action}: {exc}")
+
+    def _decode(self, stream_id: str, fields: Mapping[Any, Any]) -> StreamRecord:
+        meta, state = fields.get(b"meta"), fields.get(b"state")
+        if not isinstance(meta, bytes) or not isinstance(state, bytes):
+            raise CorruptRecordError(
+                f"stream {stream_id!r}: hash lacks the 'meta' or 'state' field"
+            )
+        try:
+            record = record_from_parts(decode_header(meta), state)
+        except CorruptRecordError as exc:
+            raise CorruptRecordError(f"stream {stream_id!r} is corrupt: {exc}") from exc
+        if record.id != stream_id:
+            raise CorruptRecordError(f"stream {stream_id!r}: hash holds id {record.id!r}")
+        return record
+
+    def put(self, record: StreamRecord) -> None:
+        """Set the stream's hash and add its id to the id set in one transaction."""
+        self._check_open()
+        meta = encode_header(record)
+        try:
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(self._key(record.id), mapping={"meta": meta, "state": record.state})
+                pipe.sadd(self._ids_key, record.id)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise self._error(f"write stream {record.id!r}", exc) from exc
+
+    def get(self, stream_id: str) -> StreamRecord | None:
+        """The record of `stream_id`, None if absent, StoreError if its hash is corrupt."""
+        self._check_open()
+        try:
+            fields = self._client.hgetall(self._key(stream_id))
+        except redis.RedisError as exc:
+            raise self._error(f"read stream {stream_id!r}", exc) from exc
+        if not fields:
+            return None
+        return self._decode(stream_id, fields)
+
+    def delete(self, stream_id: str) -> None:
+        """Delete the stream's hash and its id in one transaction; no error if absent."""
+        self._check_open()
+        try:
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(self._key(stream_id))
+                pipe.srem(self._ids_key, stream_id)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise self._error(f"delete stream {stream_id!r}", exc) from exc
+
+    def _member_ids(self) -> list[str]:
+        try:
+            members = self._client.smembers(self._ids_key)
+        except redis.RedisError as exc:
+            raise self._error("list stream ids", exc) from exc
+        ids = []
+        for member in members:
+            try:
+                ids.append(member.decode("utf-8") if isinstance(member, bytes) else member)
+            except UnicodeDecodeError:
+                logger.warning("skipping non-UTF-8 id %r in Redis set %s", member, self._ids_key)
+        return sorted(ids)
+
+    def ids(self) -> list[str]:
+        """The ids in the id set, sorted."""
+        self._check_open()
+        return self._member_ids()
+
+    def load_all(self) -> Iterator[StreamRecord]:
+        """Every record listed in the id set, sorted by id, fetched in pipelined chunks.
+
+        Corrupt hashes, and ids whose hash is missing, are logged and skipped.
+        """
+        self._check_open()
+        ids = self._member_ids()
+        for start in range(0, len(ids), _REDIS_SCAN_CHUNK):
+            chunk = ids[start : start + _REDIS_SCAN_CHUNK]
+            try:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for stream_id in chunk:
+                        pipe.hgetall(self._key(stream_id))
+                    results = pipe.execute()
+            except redis.RedisError as exc:
+                raise self._error("read streams", exc) from exc
+            for stream_id, fields in zip(chunk, results, strict=True):
+                if not fields:
+                    logger.warning(
+                        "skipping stream %r: listed in %s, no hash", stream_id, self._ids_key
+                    )
+                    continue
+                try:
+                    yield self._decode(stream_id, fields)
+                except CorruptRecordError as exc:
+                    logger.warning("skipping Redis stream: %s", exc)
+
+    def close(self) -> None:
+        """Close the connection pool; later calls raise StoreError. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._client.close()
+        except redis.RedisError as exc:
+            raise self._error("close the connection", exc) from exc
+
+
+# --- factory -------------------------------------------------------------------------------
+
+
+def create_store(
+    kind: StoreKind,
+    *,
+    directory: Path | None = None,
+    redis_url: str | None = None,
+    redis_prefix: str = "tta:",
+) -> StateStore:
+    """Create a state store by name.
+
+    Args:
+        kind: "memory", "local" or "redis".
+        directory: the state directory (required for "local"; created if missing).
+        redis_url: the Redis URL (required for "redis").
+        redis_prefix: key namespace of the Redis store.
+
+    Raises ValueError for an unknown kind or a missing argument, StoreError if the backend is
+    not usable (directory not writable, Redis not reachable).
+
+    Example:
+        >>> store = create_store("local", directory=Path("data/streams"))  # doctest: +SKIP
+    """
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "local":
+        if directory is None:
+            raise ValueError("the local state store needs a directory")
+        return LocalStore(directory)
+    if kind == "redis":
+        if not redis_url:
+            raise ValueError("the redis state store needs a redis_url")
+        return RedisStore(redis_url, prefix=redis_prefix)
+    raise ValueError(f"Unknown state store ({kind!r}); valid: {', '.join(STORE_KINDS)}")
+
+
+__all__ = [
+    "MAGIC",
+    "STORE_KINDS",
+    "CorruptRecordError",
+    "LocalStore",
+    "MemoryStore",
+    "RedisStore",
+    "StateStore",
+    "StoreError",
+    "StoreKind",
+    "StreamRecord",
+    "create_store",
+    "decode_record",
+    "encode_record",
+    "stream_file_name",
+]

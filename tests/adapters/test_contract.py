@@ -1,0 +1,205 @@
+"""The contract every registered adapter keeps (parametrized over the registry itself)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from adapters import ADAPTERS, StateMismatchError, UnknownAdapterError, get_adapter
+from adapters.engine import Engine
+from tests.adapters.conftest import images, tiny_net
+
+NAMES = sorted(ADAPTERS)
+
+
+class Tripwire(nn.Module):
+    """Raises in the middle of the network when armed: a batch that fails after some BN layers."""
+
+    armed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            raise RuntimeError("tripwire")
+        return x
+
+
+def tripwired_net() -> tuple[nn.Module, Tripwire]:
+    net = tiny_net()
+    wire = Tripwire()
+    net.insert(5, wire)  # after the residual block, before the last BN layer
+    return net, wire
+
+
+def snapshot(engine: Engine, *streams) -> list[bytes]:
+    return [engine.export_stream(s) for s in streams]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_and_finite(name: str) -> None:
+    engine = Engine(tiny_net(), num_classes=5)
+    stream = engine.open_stream(name)
+    for n in (1, 4, 9):
+        logits = engine.forward(images(n, n, shift=1.0), [(stream, n)])
+        assert logits.shape == (n, 5)
+        assert bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_streams_are_isolated(name: str) -> None:
+    """Another stream's batches, alone or in the same forward, never move this stream."""
+    engine = Engine(tiny_net(), num_classes=5)
+    a, b = engine.open_stream(name, seed=1), engine.open_stream(name, seed=2)
+    engine.forward(images(3, 0), [(a, 3)])
+    before = snapshot(engine, a)
+    engine.forward(images(5, 1, shift=2.0), [(b, 5)])
+    assert snapshot(engine, a) == before
+    solo = Engine(tiny_net(), num_classes=5)
+    c = solo.open_stream(name, seed=1)
+    solo.forward(images(3, 0), [(c, 3)])
+    x = images(4, 2, shift=1.0)
+    together = engine.forward(torch.cat([x, images(6, 3, shift=3.0)]), [(a, 4), (b, 6)])
+    torch.testing.assert_close(together[:4], solo.forward(x, [(c, 4)]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reset_restores_the_fresh_state(name: str) -> None:
+    engine = Engine(tiny_net(), num_classes=5)
+    stream = engine.open_stream(name, seed=5)
+    fresh = snapshot(engine, stream)
+    x = images(6, 0, shift=1.5)
+    first = engine.forward(x, [(stream, 6)])
+    engine.forward(images(6, 1, shift=-1.0), [(stream, 6)])
+    engine.reset_stream(stream)
+    assert snapshot(engine, stream) == fresh
+    torch.testing.assert_close(engine.forward(x, [(stream, 6)]), first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_import_round_trip(name: str) -> None:
+    engine = Engine(tiny_net(), name="tiny", num_classes=5)
+    stream = engine.open_stream(name)
+    engine.forward(images(5, 0, shift=1.0), [(stream, 5)])
+    data = engine.export_stream(stream)
+    other = Engine(tiny_net(), name="tiny", num_classes=5)
+    copy = other.import_stream(other.open_stream(name), data)
+    assert other.export_stream(copy) == data
+    x = images(3, 9, shift=0.5)
+    torch.testing.assert_close(other.forward(x, [(copy, 3)]), engine.forward(x, [(stream, 3)]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_failed_batch_changes_nothing(name: str) -> None:
+    net, wire = tripwired_net()
+    engine = Engine(net, num_classes=5)
+    wire = next(m for m in engine.model.modules() if isinstance(m, Tripwire))
+    a, b = engine.open_stream(name), engine.open_stream(name)
+    engine.forward(images(2, 0), [(a, 2)])
+    before = snapshot(engine, a, b)
+    wire.armed = True
+    with pytest.raises(RuntimeError, match="tripwire"):
+        engine.forward(images(5, 1, shift=1.0), [(a, 2), (b, 3)])
+    assert snapshot(engine, a, b) == before
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapt_false_changes_nothing(name: str) -> None:
+    engine = Engine(tiny_net(), num_classes=5)
+    stream = engine.open_stream(name)
+    engine.forward(images(3, 0, shift=1.0), [(stream, 3)])
+    before = snapshot(engine, stream)
+    x = images(4, 1, shift=1.0)
+    first = engine.forward(x, [(stream, 4)], adapt=False)
+    assert snapshot(engine, stream) == before
+    torch.testing.assert_close(engine.forward(x, [(stream, 4)], adapt=False), first)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_is_validated_with_bounds(name: str) -> None:
+    adapter = get_adapter(name)
+    assert adapter.config.model_json_schema()["type"] == "object"
+    engine = Engine(tiny_net(), num_classes=5)
+    with pytest.raises(ValidationError):
+        engine.open_stream(name, {"no_such_knob": 1})
+
+
+def test_bounds_are_enforced() -> None:
+    engine = Engine(tiny_net(), num_classes=5)
+    for name, config in [
+        ("alpha_bn", {"alpha": 1.5}),
+        ("unmix_tns", {"components": 0}),
+        ("momentum", {"eta0": -0.1}),
+        ("adabn", {"window": 0}),
+    ]:
+        with pytest.raises(ValidationError):
+            engine.open_stream(name, config)
+
+
+def test_unknown_adapter_lists_the_valid_names() -> None:
+    with pytest.raises(UnknownAdapterError, match="Unknown adapter 'tent'; valid: adabn, alpha_bn"):
+        get_adapter("tent")
+
+
+def test_import_refuses_mismatching_states() -> None:
+    engine = Engine(tiny_net(), name="tiny", num_classes=5)
+    adabn, momentum = engine.open_stream("adabn"), engine.open_stream("momentum")
+    unmix_16, unmix_4 = (
+        engine.open_stream("unmix_tns"),
+        engine.open_stream("unmix_tns", {"components": 4}),
+    )
+    other_model = Engine(tiny_net(channels=7), name="tiny", num_classes=5)
+    cases = [
+        (adabn, engine.export_stream(momentum), "adapter"),
+        (unmix_4, engine.export_stream(unmix_16), "config"),
+        (adabn, other_model.export_stream(other_model.open_stream("adabn")), "layers"),
+        (adabn, b"not a safetensors file", "not a tta-serve stream state"),
+        (adabn, b"", "not a tta-serve stream state"),
+    ]
+    for target, data, message in cases:
+        before = engine.export_stream(target)
+        with pytest.raises(StateMismatchError, match=message):
+            engine.import_stream(target, data)
+        assert engine.export_stream(target) == before
+
+
+def test_import_refuses_non_finite_values() -> None:
+    from safetensors.torch import load, save
+
+    from adapters.state_io import METADATA_KEY, _header
+
+    engine = Engine(tiny_net(), name="tiny", num_classes=5)
+    stream = engine.open_stream("adabn")
+    data = engine.export_stream(stream)
+    tensors = load(data)
+    tensors["layer0.mean"][0] = float("nan")
+    poisoned = save(tensors, metadata={METADATA_KEY: _header(data)["__metadata__"][METADATA_KEY]})
+    with pytest.raises(StateMismatchError, match="NaN or infinite"):
+        engine.import_stream(stream, poisoned)
+    assert engine.export_stream(stream) == data
+
+
+def test_pool_capacity_is_enforced() -> None:
+    from adapters.pool import PoolFullError
+
+    engine = Engine(tiny_net(), num_classes=5, capacity=2)
+    first = engine.open_stream("adabn")
+    engine.open_stream("adabn")
+    with pytest.raises(PoolFullError, match="all 2 slots"):
+        engine.open_stream("adabn")
+    engine.close_stream(first)
+    engine.open_stream("adabn")
+
+
+def test_drift_report_moves_under_shift() -> None:
+    engine = Engine(tiny_net(), num_classes=5)
+    clean, shifted = engine.open_stream("source"), engine.open_stream("source")
+    for seed in range(3):
+        engine.forward(
+            torch.cat([images(8, seed), images(8, seed, shift=3.0)]), [(clean, 8), (shifted, 8)]
+        )
+    a, b = engine.drift(clean), engine.drift(shifted)
+    assert a["images"] == 24 and b["images"] == 24
+    assert b["early"]["jeffreys"] > a["early"]["jeffreys"]
+    assert len(b["layers"]["hellinger"]) == len(engine.layers)
+    assert sum(b["class_frequencies"]) == pytest.approx(1.0)

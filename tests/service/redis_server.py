@@ -1,0 +1,110 @@
+"""A real, throwaway `redis-server` on a free loopback port, for tests of the Redis state store.
+
+No fake Redis: the tests talk to the Debian `redis-server` binary. When it is not installed the
+tests that need it fail (never skip) with `RedisServerUnavailable`, whose message says how to
+install it; CI installs the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+_START_ATTEMPTS = 3
+
+
+class RedisServerUnavailable(RuntimeError):
+    """redis-server is not installed, or did not start."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the server by its PID: SIGTERM, wait, SIGKILL if it does not exit in time."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=STOP_TIMEOUT_S)
+
+
+def _wait_for_ping(process: subprocess.Popen[bytes], url: str) -> bool:
+    """True once the server answers PING; False if the process exited (e.g. port taken)."""
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                return False
+            with contextlib.suppress(redis.RedisError):
+                if client.ping():
+                    return True
+            time.sleep(0.02)
+    finally:
+        client.close()
+    raise RedisServerUnavailable(f"redis-server did not answer PING within {START_TIMEOUT_S} s")
+
+
+@contextlib.contextmanager
+def running_redis() -> Iterator[str]:
+    """Run a fresh redis-server on a free loopback port, yield its URL, stop it on exit.
+
+    No persistence (`--save ""`, no AOF); its working directory is a temp directory removed on
+    exit. A port taken between choosing and binding is retried on another port.
+
+    Example:
+        >>> with running_redis() as url:  # doctest: +SKIP
+        ...     store = RedisStore(url)
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RedisServerUnavailable(
+            "redis-server not found on PATH: the Redis state store tests need a real server; "
+            "install the Debian package with `apt-get install -y redis-server`"
+        )
+    with tempfile.TemporaryDirectory(prefix="tta-redis-") as workdir:
+        log_path = Path(workdir) / "redis.log"
+        for _ in range(_START_ATTEMPTS):
+            port = free_port()
+            url = f"redis://127.0.0.1:{port}/0"
+            command = [
+                binary,
+                "--port", str(port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--dir", workdir,
+                "--logfile", str(log_path),
+            ]  # fmt: skip
+            process = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            try:
+                if _wait_for_ping(process, url):
+                    yield url
+                    return
+            finally:
+                _stop(process)
+        log = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+        raise RedisServerUnavailable(
+            f"redis-server did not start after {_START_ATTEMPTS} attempts; log tail:\n{log}"
+        )

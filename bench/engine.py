@@ -1,0 +1,215 @@
+"""Engine throughput: the adapted forward against the plain eval forward of the same model.
+
+    uv run python -m bench.engine [--device cuda] [--model cifar10_resnet20]
+
+For every adapter and batch size it times the adapted forward and the plain ``model(x)``
+back to back, many times, and reports the median of the per-pair ratios (this machine is noisy:
+ratios measured in one run are what we compare). Then 64 streams mixed in one batch of 256
+against one stream of 256 and against a loop of 64 calls of 4 images. Writes a section of
+docs/performance.md and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from adapters import ADAPTERS
+from adapters.engine import Engine
+from bench.report import command_line, machine, write_section
+from models import WeightsUnavailableError, create_model, get_spec
+from models.registry import build_architecture
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"adabn": 1.15, "alpha_bn": 1.15, "momentum": 1.15, "unmix_tns": 1.5}
+
+
+def load(name: str, cache_dir: Path) -> tuple[torch.nn.Module, int, bool]:
+    """The pretrained model, or the same architecture with random weights (same cost)."""
+    try:
+        model, spec = create_model(name, cache_dir=cache_dir)
+        return model, spec.num_classes, True
+    except WeightsUnavailableError:
+        spec = get_spec(name)
+        return build_architecture(spec).eval(), spec.num_classes, False
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
+    """Seconds per call of fn, averaged over ``calls`` calls (device-synchronised)."""
+
+    def measure(fn: Callable[[], object], calls: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / calls
+
+    return measure
+
+
+def calls_for(measure, fn, budget: float) -> int:
+    """How many calls fill about ``budget`` seconds (after a warm-up)."""
+    for _ in range(2):
+        fn()
+    once = measure(fn, 1)
+    return max(1, int(budget / max(once, 1e-6)))
+
+
+def paired_ratio(
+    measure, plain, adapted, repeats: int, budget: float
+) -> tuple[float, float, float]:
+    """Median ratio adapted/plain over interleaved pairs, and the median times of both."""
+    calls = calls_for(measure, plain, budget)
+    calls_for(measure, adapted, budget)
+    ratios, plains, adapteds = [], [], []
+    for _ in range(repeats):
+        p = measure(plain, calls)
+        a = measure(adapted, calls)
+        ratios.append(a / p)
+        plains.append(p)
+        adapteds.append(a)
+    return statistics.median(ratios), statistics.median(plains), statistics.median(adapteds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cifar10_resnet20")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--budget", type=float, default=0.25, help="seconds per timed measurement")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("TTA_MODEL_CACHE_DIR", ".cache/models")),
+    )
+    parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    model, classes, pretrained = load(args.model, args.cache_dir)
+    plain_model = model.to(device).eval()
+    engine = Engine(model, name=args.model, num_classes=classes, device=device, capacity=128)
+    measure = timer(device)
+    spec = get_spec(args.model)
+    h, w = spec.input_size
+    generator = torch.Generator().manual_seed(0)
+
+    adapters = sorted(ADAPTERS)
+    results: dict[str, dict[int, tuple[float, float, float]]] = {name: {} for name in adapters}
+    jobs = [(name, b) for b in args.batch_sizes for name in adapters]
+    with torch.inference_mode():
+        for name, batch in tqdm(jobs, desc="adapters x batch sizes"):
+            x = torch.randn((batch, 3, h, w), generator=generator).to(device)
+            stream = engine.open_stream(name)
+            results[name][batch] = paired_ratio(
+                measure,
+                lambda x=x: plain_model(x),
+                lambda x=x, s=stream: engine.forward(x, [(s, len(x))]),
+                args.repeats,
+                args.budget,
+            )
+            engine.close_stream(stream)
+
+        # 64 streams x 4 images in one forward vs one stream of 256 vs a loop over the streams.
+        x = torch.randn((256, 3, h, w), generator=generator).to(device)
+        streams = [engine.open_stream("adabn") for _ in range(64)]
+        single = streams[0]
+        mixed_fn = lambda: engine.forward(x, [(s, 4) for s in streams])  # noqa: E731
+        single_fn = lambda: engine.forward(x, [(single, 256)])  # noqa: E731
+        chunks = x.split(4)
+        loop_fn = lambda: [
+            engine.forward(c, [(s, 4)]) for c, s in zip(chunks, streams, strict=True)
+        ]  # noqa: E731
+        mixed_vs_single, single_t, mixed_t = paired_ratio(
+            measure, single_fn, mixed_fn, args.repeats, args.budget
+        )
+        loop_vs_mixed, _, loop_t = paired_ratio(
+            measure, mixed_fn, loop_fn, args.repeats, args.budget
+        )
+
+    where = machine(device)
+    key = f"bench.engine:{device.type}"
+    lines = [
+        f"## Engine throughput, {args.model} on {device.type.upper()}",
+        "",
+        f"Machine: {where}. Command: `{command_line()}`.",
+        f"Weights: {'pretrained' if pretrained else 'random (same architecture and cost)'}; "
+        f"median of {args.repeats} interleaved pairs per cell.",
+        "",
+        "Adapted forward time / plain eval forward time (lower is better; 1.00 = free):",
+        "",
+        "| adapter | " + " | ".join(f"B={b}" for b in args.batch_sizes) + " | target at B=256 |",
+        "| --- | " + " | ".join("---" for _ in args.batch_sizes) + " | --- |",
+    ]
+    for name in adapters:
+        cells = [f"{results[name][b][0]:.2f}" for b in args.batch_sizes]
+        target = TARGETS.get(name)
+        verdict = ""
+        if target is not None and 256 in results[name]:
+            ratio = results[name][256][0]
+            verdict = f"<= {target}: {'met' if ratio <= target else 'MISSED'} ({ratio:.2f})"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
+    plain_row = [
+        f"{args.batch_sizes[i] / results[adapters[0]][b][1]:.0f}"
+        for i, b in enumerate(args.batch_sizes)
+    ]
+    lines += [
+        "",
+        "Plain eval forward throughput (images/s): "
+        + ", ".join(f"B={b}: {p}" for b, p in zip(args.batch_sizes, plain_row, strict=True))
+        + ".",
+        "",
+        "Stream mixing (adabn, 256 images):",
+        "",
+        "| layout | time per 256 images | throughput vs one stream | target |",
+        "| --- | --- | --- | --- |",
+        f"| one stream of 256 | {single_t * 1e3:.1f} ms | 1.00 | |",
+        f"| 64 streams x 4 in one batch | {mixed_t * 1e3:.1f} ms | {1 / mixed_vs_single:.2f} | "
+        f">= 0.9: {'met' if 1 / mixed_vs_single >= 0.9 else 'MISSED'} |",
+        f"| loop of 64 calls x 4 images | {loop_t * 1e3:.1f} ms | {1 / (mixed_vs_single * loop_vs_mixed):.3f} | "
+        f"mixed >= 20x loop: {'met' if loop_vs_mixed >= 20 else 'MISSED'} ({loop_vs_mixed:.1f}x) |",
+    ]
+    plot = args.out.parent / f"engine-{device.type}.png"
+    _plot(results, args.batch_sizes, plot, f"{args.model}, {where}")
+    lines += ["", f"![adapted/plain ratio by batch size]({plot.name})"]
+    write_section(args.out, key, "\n".join(lines), title="Performance")
+    log.info("\n".join(lines))
+
+
+def _plot(results, batch_sizes, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, by_batch in results.items():
+        ax.plot(batch_sizes, [by_batch[b][0] for b in batch_sizes], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("adapted / plain forward time")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

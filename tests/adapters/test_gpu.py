@@ -1,0 +1,58 @@
+"""The engine on CUDA: the same numbers as on the CPU, and no host synchronisation per forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters import ADAPTERS
+from adapters.engine import Engine
+from tests.adapters.conftest import images, tiny_net
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_cuda_matches_cpu_for_a_mixed_batch() -> None:
+    net = tiny_net()
+    cpu, gpu = Engine(net, num_classes=5), Engine(net, num_classes=5, device="cuda")
+    names = sorted(ADAPTERS)
+    on_cpu = [cpu.open_stream(name, seed=i) for i, name in enumerate(names)]
+    on_gpu = [gpu.open_stream(name, seed=i) for i, name in enumerate(names)]
+    for round_ in range(3):
+        x = images(3 * len(names), round_, shift=0.5)
+        expected = cpu.forward(x, [(s, 3) for s in on_cpu])
+        got = gpu.forward(x, [(s, 3) for s in on_gpu])
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert cpu.drift(a)["images"] == gpu.drift(b)["images"]
+
+
+def test_forward_makes_no_host_sync() -> None:
+    """The hot path only enqueues work: a synchronising call in it raises in this mode."""
+    net = tiny_net()
+    engine = Engine(net, num_classes=5, device="cuda")
+    streams = [engine.open_stream(name) for name in sorted(ADAPTERS)]
+    x = images(2 * len(streams), 0).cuda()
+    engine.forward(x, [(s, 2) for s in streams])  # warm-up: lazy CUDA init may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine.forward(x, [(s, 2) for s in streams])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_autocast_keeps_statistics_in_float32() -> None:
+    net = tiny_net()
+    fp32 = Engine(net, num_classes=5, device="cuda")
+    amp = Engine(net, num_classes=5, device="cuda", autocast_dtype=torch.bfloat16)
+    a, b = fp32.open_stream("adabn"), amp.open_stream("adabn")
+    x = images(16, 0, shift=2.0)
+    torch.testing.assert_close(
+        amp.forward(x, [(b, 16)]), fp32.forward(x, [(a, 16)]), rtol=0.05, atol=0.05
+    )
+    state = amp.pool_of(b).layers[0]
+    assert state["mean"].dtype == torch.float64 and bool(torch.isfinite(state["m2"]).all())

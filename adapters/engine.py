@@ -119,6 +119,9 @@ class Engine:
         device: where the model and every stream state live.
         capacity: slots per pool (streams per adapter and state structure).
         observer_window: images the drift observer remembers per stream.
+        autocast_dtype: run the convolutions under autocast (statistics stay fp32/fp64).
+        cuda_graphs: on CUDA, replay each batch layout as a captured graph (LRU of
+            ``max_graphs`` layouts).
 
     Example:
         >>> engine = Engine(model, num_classes=10, device=torch.device("cpu"))
@@ -136,6 +139,8 @@ class Engine:
         capacity: int = 256,
         observer_window: int = 1000,
         autocast_dtype: torch.dtype | None = None,
+        cuda_graphs: bool = True,
+        max_graphs: int = 64,
     ) -> None:
         self.name = name
         self.device = torch.device(device)
@@ -149,6 +154,9 @@ class Engine:
         self.autocast_dtype = autocast_dtype
         self.window = torch.tensor(float(observer_window), dtype=torch.float64, device=self.device)
         self.pools: dict[PoolKey, StatePool] = {}
+        self.cuda_graphs = cuda_graphs
+        self.max_graphs = max_graphs
+        self._graphs: dict[tuple, _CapturedForward] = {}
 
     @property
     def sources(self) -> list:
@@ -173,6 +181,7 @@ class Engine:
             pool = self.pools[key] = StatePool(
                 spec, config, self.sources, self.num_classes, self.capacity
             )
+            pool.key = key
         slot = pool.allocate(config, seed)
         return StreamHandle(spec.name, config, seed, key, slot)
 
@@ -246,6 +255,12 @@ class Engine:
             raise ValueError("a stream may appear only once per forward")
         order, groups = self._plan(segments, flags)
         x = images.to(self.device, non_blocking=True)
+        if self.cuda_graphs and self.device.type == "cuda":
+            return self._replay(x, order, groups)
+        return self._run(x, order, groups, commit=True)
+
+    def _run(self, x: Tensor, order: Tensor | None, groups: list[_Group], commit: bool) -> Tensor:
+        """The adapted forward of a planned batch; stream states change only if ``commit``."""
         if order is not None:
             x = x.index_select(0, order)
         batch = _Batch(groups, self.window)
@@ -253,11 +268,7 @@ class Engine:
             group.layers, group.head, group.hparams = group.pool.gather(group.slots)
         token = ACTIVE_BATCH.set(batch)
         try:
-            with torch.autocast(
-                self.device.type,
-                self.autocast_dtype or torch.float32,
-                enabled=self.autocast_dtype is not None,
-            ):
+            with self._autocast():
                 logits = self.model(x).float()
         finally:
             ACTIVE_BATCH.reset(token)
@@ -266,23 +277,52 @@ class Engine:
                 rows = logits[group.start : group.stop]
                 group.head = observe_head(group.head, rows, group.segment, self.window)
         # Only now, with the whole batch computed, do the streams' states change.
-        for group in groups:
-            if group.adapt:
-                group.pool.commit(group.slots, group.layers, group.head)
+        if commit:
+            for group in groups:
+                if group.adapt:
+                    group.pool.commit(group.slots, group.layers, group.head)
         if order is not None:
             logits = torch.empty_like(logits).index_copy_(0, order, logits)
         return logits
+
+    def _replay(self, x: Tensor, order: Tensor | None, groups: list[_Group]) -> Tensor:
+        """The forward as one CUDA graph replay, captured once per batch layout.
+
+        Eagerly, the statistics cost hundreds of tiny kernel launches per forward, which
+        dominate on a GPU; a replay launches them all at once. A layout is the batch shape
+        and, per group, its pool, ``adapt`` flag, rows and number of streams; the slots,
+        segments and images are copied into the graph's static inputs. The whole forward,
+        the commit of the new states included, is one replay: it cannot fail half-way.
+        """
+        key = (
+            tuple(x.shape),
+            x.dtype,
+            order is None,
+            tuple((g.pool.key, g.adapt, g.start, g.stop, g.images.shape[0]) for g in groups),
+        )
+        graph = self._graphs.pop(key, None)
+        if graph is None:
+            graph = _CapturedForward(self, x, order, groups)
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
+        self._graphs[key] = graph  # most recently used last
+        return graph.replay(x, order, groups)
 
     @torch.inference_mode()
     def forward_source(self, images: Tensor) -> Tensor:
         """Logits of the unadapted source model."""
         x = images.to(self.device, non_blocking=True)
-        with torch.autocast(
+        with self._autocast():
+            return self.model(x).float()
+
+    def _autocast(self) -> torch.autocast:
+        # No weight-cast cache: it would hold tensors across CUDA graph captures.
+        return torch.autocast(
             self.device.type,
             self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
-        ):
-            return self.model(x).float()
+            cache_enabled=False,
+        )
 
     def _plan(
         self, segments: Sequence[tuple[StreamHandle, int]], flags: list[bool]
@@ -338,3 +378,42 @@ def _validate(adapter: Adapter, config: BaseModel | dict | None) -> BaseModel:
 
 def _pool_key(adapter: Adapter, config: BaseModel) -> PoolKey:
     return adapter.name, tuple((name, getattr(config, name)) for name in adapter.structural)
+
+
+class _CapturedForward:
+    """One batch layout's forward captured as a CUDA graph, with its static inputs."""
+
+    def __init__(
+        self, engine: Engine, x: Tensor, order: Tensor | None, groups: list[_Group]
+    ) -> None:
+        self.x = x.clone()
+        self.order = None if order is None else order.clone()
+        self.groups = [
+            dataclasses.replace(
+                g, slots=g.slots.clone(), segment=g.segment.clone(), images=g.images.clone()
+            )
+            for g in groups
+        ]
+        # Warm up on a side stream (cuDNN picks its kernels, workspaces are allocated)
+        # without committing: a warm-up must not change any stream.
+        side = torch.cuda.Stream(engine.device)
+        side.wait_stream(torch.cuda.current_stream(engine.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                engine._run(self.x, self.order, self.groups, commit=False)
+        torch.cuda.current_stream(engine.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = engine._run(self.x, self.order, self.groups, commit=True)
+
+    def replay(self, x: Tensor, order: Tensor | None, groups: list[_Group]) -> Tensor:
+        """Copy this batch into the static inputs, replay, and return a copy of the logits."""
+        self.x.copy_(x, non_blocking=True)
+        if order is not None and self.order is not None:
+            self.order.copy_(order, non_blocking=True)
+        for static, group in zip(self.groups, groups, strict=True):
+            static.slots.copy_(group.slots, non_blocking=True)
+            static.segment.copy_(group.segment, non_blocking=True)
+            static.images.copy_(group.images, non_blocking=True)
+        self.graph.replay()
+        return self.logits.clone()

@@ -34,6 +34,7 @@ class StatePool:
         capacity: int,
     ) -> None:
         self.adapter = adapter
+        self.key: object = adapter.name  # the engine's pool key, set by the engine
         self.sources = list(sources)
         self.capacity = capacity
         self.num_classes = num_classes

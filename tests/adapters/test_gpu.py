@@ -56,3 +56,26 @@ def test_autocast_keeps_statistics_in_float32() -> None:
     )
     state = amp.pool_of(b).layers[0]
     assert state["mean"].dtype == torch.float64 and bool(torch.isfinite(state["m2"]).all())
+
+
+def test_cuda_graph_replays_match_eager_forwards() -> None:
+    """Captured layouts, replayed with other streams and images, give the eager numbers."""
+    net = tiny_net()
+    eager = Engine(net, num_classes=5, device="cuda", cuda_graphs=False)
+    graphed = Engine(net, num_classes=5, device="cuda", max_graphs=2)
+    names = sorted(ADAPTERS)
+    a = [eager.open_stream(name, seed=i) for i, name in enumerate(names * 2)]
+    b = [graphed.open_stream(name, seed=i) for i, name in enumerate(names * 2)]
+    layouts = [[0, 1, 2], [3, 4, 5, 6], [0, 1, 2], [7, 8, 9], [10, 11, 0], [3, 4, 5, 6]]
+    for round_, members in enumerate(layouts * 2):
+        sizes = [1 + (round_ + i) % 3 for i in range(len(members))]
+        x = images(sum(sizes), round_, shift=0.4)
+        expected = eager.forward(x, [(a[m], n) for m, n in zip(members, sizes, strict=True)])
+        got = graphed.forward(x, [(b[m], n) for m, n in zip(members, sizes, strict=True)])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for s, t in zip(a, b, strict=True):
+        torch.testing.assert_close(
+            graphed.pool_of(t).layers[-1]["obs.mean"][t.slot],
+            eager.pool_of(s).layers[-1]["obs.mean"][s.slot],
+        )
+    assert len(graphed._graphs) <= 2

@@ -121,7 +121,8 @@ class Engine:
         observer_window: images the drift observer remembers per stream.
         autocast_dtype: run the convolutions under autocast (statistics stay fp32/fp64).
         cuda_graphs: on CUDA, replay each batch layout as a captured graph (LRU of
-            ``max_graphs`` layouts).
+            ``max_graphs`` layouts). Off by default until its GPU test has run on a GPU
+            (tests/adapters/test_gpu.py); the eager path is what docs/performance.md measured.
 
     Example:
         >>> engine = Engine(model, num_classes=10, device=torch.device("cpu"))
@@ -139,7 +140,7 @@ class Engine:
         capacity: int = 256,
         observer_window: int = 1000,
         autocast_dtype: torch.dtype | None = None,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = False,
         max_graphs: int = 64,
     ) -> None:
         self.name = name

@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--model", default="cifar10_resnet20")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay captured graphs")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per timed measurement")
     parser.add_argument(
@@ -102,7 +103,14 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     model, classes, pretrained = load(args.model, args.cache_dir)
     plain_model = model.to(device).eval()
-    engine = Engine(model, name=args.model, num_classes=classes, device=device, capacity=128)
+    engine = Engine(
+        model,
+        name=args.model,
+        num_classes=classes,
+        device=device,
+        capacity=128,
+        cuda_graphs=args.cuda_graphs,
+    )
     measure = timer(device)
     spec = get_spec(args.model)
     h, w = spec.input_size

@@ -62,7 +62,7 @@ def test_cuda_graph_replays_match_eager_forwards() -> None:
     """Captured layouts, replayed with other streams and images, give the eager numbers."""
     net = tiny_net()
     eager = Engine(net, num_classes=5, device="cuda", cuda_graphs=False)
-    graphed = Engine(net, num_classes=5, device="cuda", max_graphs=2)
+    graphed = Engine(net, num_classes=5, device="cuda", cuda_graphs=True, max_graphs=2)
     names = sorted(ADAPTERS)
     a = [eager.open_stream(name, seed=i) for i, name in enumerate(names * 2)]
     b = [graphed.open_stream(name, seed=i) for i, name in enumerate(names * 2)]

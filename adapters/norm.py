@@ -32,6 +32,11 @@ ACTIVE_BATCH: ContextVar[BatchContext | None] = ContextVar("tta_active_batch", d
 class StreamNorm2d(nn.Module):
     """A BatchNorm2d whose statistics come from each image's stream state."""
 
+    running_mean: Tensor
+    running_var: Tensor
+    weight: Tensor
+    bias: Tensor
+
     def __init__(self, bn: nn.BatchNorm2d, index: int) -> None:
         super().__init__()
         if bn.running_mean is None or bn.running_var is None:

@@ -72,6 +72,15 @@ class Moments:
     pixels: int  # L = H * W
     mean: Tensor  # [S, C] float64
     var: Tensor  # [S, C] float64
+    members: Tensor  # [S, N] float64 one-hot: members[s, n] = 1 if image n is in stream s
+
+    def segment_sum(self, values: Tensor) -> Tensor:
+        """Sum ``values`` [N, ...] over each stream's images: [S, ...]."""
+        return segment_sum(self.members, values)
+
+    def per_image(self, values: Tensor) -> Tensor:
+        """Each image's row of a per-stream tensor [S, ...]: [N, ...]."""
+        return values.index_select(0, self.segment)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,18 @@ class Adapter:
                 continue
             values[key] = float("inf") if value is None else float(value)
         return values
+
+
+def segment_sum(members: Tensor, values: Tensor) -> Tensor:
+    """Per-segment sums as a matrix product with the one-hot ``members`` [S, N].
+
+    A matmul rather than ``index_add``: on the CPU, index_add over a few rows serialises and
+    was the slowest op of the whole adapted forward.
+    """
+    if members.shape[0] == 1:
+        return values.sum(0, keepdim=True)
+    flat = values.reshape(values.shape[0], -1)
+    return (members.to(flat.dtype) @ flat).reshape(members.shape[0], *values.shape[1:])
 
 
 def no_update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> State:

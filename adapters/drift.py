@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from adapters.base import Moments, SourceStats, State, chan_merge
+from adapters.base import Moments, SourceStats, State, chan_merge, segment_sum
 
 EARLY_LATE_FRACTION = 1 / 3  # the first and last third of the BN layers
 
@@ -42,18 +42,17 @@ def init_head(num_classes: int, device: torch.device) -> State:
     }
 
 
-def observe_head(state: State, logits: Tensor, segment: Tensor, window: Tensor) -> State:
+def observe_head(state: State, logits: Tensor, members: Tensor, window: Tensor) -> State:
     """Add each stream's predictions to its windowed sums, rescaled to the window."""
     probs = torch.softmax(logits.float(), dim=-1).double()
     entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)
     confidence, predicted = probs.max(-1)
+    votes = torch.nn.functional.one_hot(predicted, probs.shape[-1]).double()
     new = {
-        "head.n": state["head.n"].index_add(0, segment, torch.ones_like(entropy)),
-        "head.entropy": state["head.entropy"].index_add(0, segment, entropy),
-        "head.confidence": state["head.confidence"].index_add(0, segment, confidence),
-        "head.classes": state["head.classes"].index_put(
-            (segment, predicted), torch.ones_like(entropy), accumulate=True
-        ),
+        "head.n": state["head.n"] + members.sum(1),
+        "head.entropy": state["head.entropy"] + segment_sum(members, entropy),
+        "head.confidence": state["head.confidence"] + segment_sum(members, confidence),
+        "head.classes": state["head.classes"] + segment_sum(members, votes),
     }
     shrink = (window / new["head.n"].clamp(min=1)).clamp(max=1.0)
     return {

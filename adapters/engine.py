@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from adapters import get_adapter
-from adapters.base import Adapter, Moments, State, StateMismatchError
+from adapters.base import Adapter, Moments, State, StateMismatchError, segment_sum
 from adapters.drift import drift_report, observe, observe_head
 from adapters.norm import ACTIVE_BATCH, StreamNorm2d, convert_batchnorm, instance_moments
 from adapters.pool import StatePool
@@ -53,6 +53,7 @@ class _Group:
     slots: Tensor
     segment: Tensor  # [rows] stream index within the group
     images: Tensor  # [streams] float64
+    members: Tensor = field(default_factory=lambda: torch.empty(0))  # [streams, rows] one-hot
     layers: list[State] = field(default_factory=list)
     head: State = field(default_factory=dict)
     hparams: dict[str, Tensor] = field(default_factory=dict)
@@ -66,7 +67,7 @@ class _Batch:
         self.window = window
 
     def statistics(self, layer: StreamNorm2d, x: Tensor) -> tuple[Tensor, Tensor]:
-        sample_mean, sample_var = instance_moments(x)
+        sample_mean, sample_var = instance_moments(x, layer.running_mean)
         source = layer.source
         pixels = x.shape[2] * x.shape[3]
         means, variances = [], []
@@ -77,6 +78,7 @@ class _Batch:
                 group.segment,
                 group.images,
                 pixels,
+                group.members,
             )
             adapter, hp = group.adapter, group.hparams
             state = group.layers[layer.index]
@@ -88,7 +90,7 @@ class _Batch:
             if group.adapt:
                 group.layers[layer.index] = {**state, **observe(state, moments, self.window)}
             if not adapter.per_sample:
-                mean, var = mean[group.segment], var[group.segment]
+                mean, var = moments.per_image(mean), moments.per_image(var)
             means.append(mean)
             variances.append(var)
         if len(self.groups) == 1:
@@ -97,16 +99,20 @@ class _Batch:
 
 
 def _moments(
-    sample_mean: Tensor, sample_var: Tensor, segment: Tensor, images: Tensor, pixels: int
+    sample_mean: Tensor,
+    sample_var: Tensor,
+    segment: Tensor,
+    images: Tensor,
+    pixels: int,
+    members: Tensor,
 ) -> Moments:
     """Pool per-image moments into per-stream segment moments (law of total variance, fp64)."""
-    streams, channels = images.shape[0], sample_mean.shape[1]
-    zeros = sample_mean.new_zeros((streams, channels), dtype=torch.float64)
     count = images[:, None]
-    mean = zeros.index_add(0, segment, sample_mean.double()) / count
-    spread = (sample_mean.double() - mean[segment]).square() + sample_var.double()
-    var = zeros.index_add(0, segment, spread) / count
-    return Moments(sample_mean, sample_var, segment, images, pixels, mean, var)
+    sample_mean64 = sample_mean.double()
+    mean = segment_sum(members, sample_mean64) / count
+    spread = (sample_mean64 - mean.index_select(0, segment)).square() + sample_var.double()
+    var = segment_sum(members, spread) / count
+    return Moments(sample_mean, sample_var, segment, images, pixels, mean, var, members)
 
 
 class Engine:
@@ -267,6 +273,8 @@ class Engine:
         batch = _Batch(groups, self.window)
         for group in groups:
             group.layers, group.head, group.hparams = group.pool.gather(group.slots)
+            streams = torch.arange(group.images.shape[0], device=group.segment.device)
+            group.members = (streams[:, None] == group.segment[None, :]).double()
         token = ACTIVE_BATCH.set(batch)
         try:
             with self._autocast():
@@ -276,7 +284,7 @@ class Engine:
         for group in groups:
             if group.adapt:
                 rows = logits[group.start : group.stop]
-                group.head = observe_head(group.head, rows, group.segment, self.window)
+                group.head = observe_head(group.head, rows, group.members, self.window)
         # Only now, with the whole batch computed, do the streams' states change.
         if commit:
             for group in groups:

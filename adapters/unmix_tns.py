@@ -57,10 +57,10 @@ def init_state(source: SourceStats, config: UnMixTNSConfig, generator: torch.Gen
 
 def assign(state: State, moments: Moments, hp: HParams) -> Tensor:
     """Soft assignment p [N, K] of each image to its stream's components, on means only."""
-    components = F.normalize(state["means"], dim=-1)[moments.segment]  # [N, K, C]
+    components = moments.per_image(F.normalize(state["means"], dim=-1))  # [N, K, C]
     instance = F.normalize(moments.sample_mean, dim=-1)  # [N, C]
     cosine = torch.bmm(components, instance.unsqueeze(-1)).squeeze(-1)  # [N, K]
-    return torch.softmax(cosine / hp["tau"][moments.segment, None].float(), dim=-1)
+    return torch.softmax(cosine / moments.per_image(hp["tau"])[:, None].float(), dim=-1)
 
 
 def norm_stats(
@@ -68,8 +68,8 @@ def norm_stats(
 ) -> tuple[Tensor, Tensor]:
     """Per image: the moments of the K components with the image mixed into each."""
     p = assign(state, moments, hp).unsqueeze(-1)  # [N, K, 1]
-    means = state["means"][moments.segment]  # [N, K, C]
-    variances = state["vars"][moments.segment]
+    means = moments.per_image(state["means"])  # [N, K, C]
+    variances = moments.per_image(state["vars"])
     mixed_mean = torch.lerp(means, moments.sample_mean.unsqueeze(1), p)
     mixed_var = torch.lerp(variances, moments.sample_var.unsqueeze(1), p)
     mean = mixed_mean.mean(1)
@@ -81,16 +81,9 @@ def norm_stats(
 def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> State:
     """Move every component towards the images it explains, by lam / B times their weight."""
     p = assign(state, moments, hp)  # [N, K]
-    streams, k, _ = state["means"].shape
-    weight = torch.zeros((streams, k), dtype=p.dtype, device=p.device).index_add_(
-        0, moments.segment, p
-    )
-    pulled_mean = torch.zeros_like(state["means"]).index_add_(
-        0, moments.segment, p.unsqueeze(-1) * moments.sample_mean.unsqueeze(1)
-    )
-    pulled_var = torch.zeros_like(state["vars"]).index_add_(
-        0, moments.segment, p.unsqueeze(-1) * moments.sample_var.unsqueeze(1)
-    )
+    weight = moments.segment_sum(p)  # [S, K]
+    pulled_mean = moments.segment_sum(p.unsqueeze(-1) * moments.sample_mean.unsqueeze(1))
+    pulled_var = moments.segment_sum(p.unsqueeze(-1) * moments.sample_var.unsqueeze(1))
     lam = 1 - (1 - source.momentum) ** (moments.images / hp["batch_size_max"])
     rate = (lam / moments.images).float()[:, None, None]
     weight = weight.unsqueeze(-1)

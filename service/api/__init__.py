@@ -1,0 +1,1 @@
+"""The HTTP routers: one per resource, included with their prefixes in ``service.main``."""

@@ -1,0 +1,60 @@
+"""``/v1/models`` and ``/v1/adapters``: what this server serves, and how adapters are configured."""
+
+from __future__ import annotations
+
+import inspect
+
+from fastapi import APIRouter
+
+from adapters import ADAPTERS, Adapter
+from service.api.deps import AppStateDep
+from service.schemas import AdapterPublic, AdaptersPublic, ModelPublic, ModelsPublic
+
+models_router = APIRouter(tags=["models"])
+adapters_router = APIRouter(tags=["adapters"])
+
+
+@models_router.get("")
+async def list_served_models(state: AppStateDep) -> ModelsPublic:
+    """The models this server serves (loaded ones are ready)."""
+    data = []
+    for name in state.settings.models:
+        runtime = state.runtimes.get(name)
+        if runtime is None:
+            continue
+        spec = runtime.spec
+        data.append(
+            ModelPublic(
+                name=spec.name,
+                architecture=spec.architecture,
+                input_size=spec.input_size,
+                mean=spec.mean,
+                std=spec.std,
+                labels=list(spec.labels),
+                device=str(runtime.device),
+                ready=state.ready,
+            )
+        )
+    return ModelsPublic(data=data)
+
+
+@adapters_router.get("")
+async def list_adapters() -> AdaptersPublic:
+    """The registered adapters, each with its config's JSON schema."""
+    return AdaptersPublic(
+        data=[
+            AdapterPublic(
+                name=name,
+                description=_summary(adapter),
+                config_schema=adapter.config.model_json_schema(),
+            )
+            for name, adapter in sorted(ADAPTERS.items())
+        ]
+    )
+
+
+def _summary(adapter: Adapter) -> str:
+    """The first line of the adapter module's docstring (the method and its paper)."""
+    module = inspect.getmodule(adapter.norm_stats)
+    doc = inspect.getdoc(module) if module is not None else None
+    return doc.splitlines()[0] if doc else ""

@@ -1,0 +1,352 @@
+"""``/v1/streams``: create, list, read, delete, reset streams; their state, drift, predictions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from typing import Annotated, Any
+
+import pydantic
+from fastapi import APIRouter, Query, Request, Response, status
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from service.api.deps import AppStateDep, RegistryDep, SettingsDep
+from service.errors import (
+    InvalidImageError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    StoreUnavailableError,
+    UnavailableError,
+    UnsupportedMediaTypeError,
+    describe_validation,
+)
+from service.imaging import ImageBatch, decode_images, decode_tensor, parse_shape
+from service.metrics import StreamSignal
+from service.scheduler import PredictRequest, PredictResult, TopK
+from service.schemas import (
+    Base64Images,
+    ClassScore,
+    DriftSummary,
+    ImagePrediction,
+    PredictResponse,
+    StreamCreate,
+    StreamPublic,
+    StreamsPublic,
+)
+from service.settings import Settings
+from service.stores import StoreError
+from service.streams import StreamEntry, StreamRegistry
+
+router = APIRouter(tags=["streams"])
+
+OCTET_STREAM = "application/octet-stream"
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                        }
+                    },
+                },
+            },
+            "application/json": {"schema": Base64Images.model_json_schema()},
+            OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def stream_public(entry: StreamEntry) -> StreamPublic:
+    """The API view of a registered stream."""
+    info = entry.info
+    return StreamPublic(
+        id=info.id,
+        model=info.model,
+        adapter=info.adapter,
+        config=info.config,
+        seed=info.seed,
+        created_at=info.created_at,
+        ttl_seconds=info.ttl_seconds,
+        samples=entry.samples,
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+async def create_stream(
+    body: StreamCreate, registry: RegistryDep, settings: SettingsDep
+) -> StreamPublic:
+    """Create a stream with a fresh state (persisted before the response)."""
+    model = body.model or settings.models[0]
+    entry = await registry.create(body.id, model, body.adapter, body.config, body.ttl_seconds)
+    return stream_public(entry)
+
+
+@router.get("")
+async def list_streams(
+    registry: RegistryDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> StreamsPublic:
+    """A page of streams, sorted by id."""
+    entries, count = registry.page(offset, limit)
+    return StreamsPublic(
+        data=[stream_public(e) for e in entries], count=count, offset=offset, limit=limit
+    )
+
+
+@router.get("/{stream_id}")
+async def read_stream(stream_id: str, registry: RegistryDep) -> StreamPublic:
+    """One stream (reading it does not count as use for its TTL)."""
+    return stream_public(await registry.find(stream_id, touch=False))
+
+
+@router.delete("/{stream_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_stream(stream_id: str, registry: RegistryDep) -> Response:
+    """Delete a stream and its stored state."""
+    await registry.delete(stream_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{stream_id}/reset")
+async def reset_stream(stream_id: str, registry: RegistryDep) -> StreamPublic:
+    """Give the stream back its initial state."""
+    return stream_public(await registry.reset(stream_id))
+
+
+@router.get(
+    "/{stream_id}/state",
+    response_class=Response,
+    responses={200: {"content": {OCTET_STREAM: {}}, "description": "safetensors state"}},
+)
+async def export_state(stream_id: str, registry: RegistryDep) -> Response:
+    """The stream's state: safetensors with JSON metadata (model, adapter, config, seed)."""
+    data = await registry.export_state(stream_id)
+    return Response(
+        data,
+        media_type=OCTET_STREAM,
+        headers={"Content-Disposition": f'attachment; filename="{stream_id}.safetensors"'},
+    )
+
+
+@router.put(
+    "/{stream_id}/state",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def import_state(stream_id: str, request: Request, registry: RegistryDep) -> StreamPublic:
+    """Replace the stream's state by an exported one of the same model, adapter and config."""
+    await registry.find(stream_id)
+    _require_media_type(request, (OCTET_STREAM,))
+    data = await request.body()
+    if not data:
+        raise InvalidInputError("the state body is empty: send the bytes of an exported state")
+    return stream_public(await registry.import_state(stream_id, data))
+
+
+@router.get("/{stream_id}/drift")
+async def read_drift(stream_id: str, registry: RegistryDep) -> dict[str, Any]:
+    """The stream's full drift report: per-layer divergences, summaries, prediction stats."""
+    report = await registry.drift(stream_id)
+    entry = registry.get(stream_id, touch=False)
+    entry.signal = stream_signal(entry.info.model, report)
+    return report
+
+
+@router.post("/{stream_id}/predict", openapi_extra=_PREDICT_BODY)
+async def predict(
+    stream_id: str,
+    request: Request,
+    registry: RegistryDep,
+    state: AppStateDep,
+    top_k: Annotated[int, Query(ge=1, le=1000, description="classes per image")] = 5,
+    adapt: Annotated[bool, Query(description="update the stream's statistics")] = True,
+    source: Annotated[bool, Query(description="also return the unadapted prediction")] = False,
+    drift: Annotated[bool, Query(description="include the stream's drift summary")] = True,
+    shape: Annotated[str | None, Query(description="raw tensor shape, e.g. 4,3,32,32")] = None,
+    dtype: Annotated[str | None, Query(description="raw tensor dtype: uint8 or float32")] = None,
+) -> PredictResponse:
+    """Predict a batch of images with the stream's adapted statistics, adapting it to them.
+
+    The body is multipart image files (JPEG/PNG/WebP), JSON ``{"images": [base64, ...]}``, or a
+    raw tensor (``application/octet-stream``, shape and dtype as query parameters or as the
+    ``X-Tensor-Shape`` / ``X-Tensor-Dtype`` headers): uint8 pixels or normalised float32.
+    """
+    entry = await registry.find(stream_id)
+    runtime = registry.runtime(entry.info.model)
+    settings = state.settings
+    started = time.perf_counter()
+    images = await read_images(request, runtime.spec, settings, shape, dtype)
+    state.metrics.stage_latency.labels(runtime.name, "decode").observe(
+        time.perf_counter() - started
+    )
+    result = await run_prediction(
+        registry, entry, images, settings, adapt=adapt, source=source, top_k=top_k, drift=drift
+    )
+    labels = runtime.spec.labels
+    return PredictResponse(
+        stream_id=entry.info.id,
+        model=entry.info.model,
+        adapter=entry.info.adapter,
+        adapted=adapt,
+        samples=result.samples,
+        predictions=[image_prediction(p, labels) for p in result.predictions],
+        source_predictions=(
+            [image_prediction(p, labels) for p in result.source_predictions]
+            if result.source_predictions is not None
+            else None
+        ),
+        drift=DriftSummary(**result.drift) if result.drift is not None else None,
+    )
+
+
+async def run_prediction(
+    registry: StreamRegistry,
+    entry: StreamEntry,
+    images: ImageBatch,
+    settings: Settings,
+    *,
+    adapt: bool = True,
+    source: bool = False,
+    top_k: int = 5,
+    drift: bool = True,
+) -> PredictResult:
+    """Queue a request for the stream's batcher, wait for it (and its sync write), record it."""
+    runtime = registry.runtime(entry.info.model)
+    if runtime.batcher is None:  # set in the lifespan before the app is ready
+        raise UnavailableError("the server is starting: the model's batcher is not running")
+    loop = asyncio.get_running_loop()
+    request = PredictRequest(
+        info=entry.info,
+        images=images,
+        adapt=adapt,
+        source=source,
+        top_k=top_k,
+        drift=drift,
+        deadline=loop.time() + settings.request_timeout_s,
+    )
+    result = await runtime.batcher.submit(request)
+    entry.samples = result.samples
+    if result.drift is not None:
+        entry.signal = stream_signal(entry.info.model, result.drift)
+    if result.stored is not None:
+        try:
+            await asyncio.wrap_future(result.stored)
+        except StoreError as error:
+            raise StoreUnavailableError(
+                f"the prediction was made but the stream's new state was not saved: {error}"
+            ) from None
+    return result
+
+
+def stream_signal(model: str, drift: dict[str, Any]) -> StreamSignal:
+    """The part of a drift report that the top-K drift gauges show."""
+    overall = drift.get("overall") or {}
+    return StreamSignal(model, float(overall.get("jeffreys", 0.0)), drift.get("entropy"))
+
+
+def image_prediction(top: TopK, labels: tuple[str, ...]) -> ImagePrediction:
+    """One image's top-k as the API shows it."""
+    scores = [
+        ClassScore(label=labels[i], index=i, probability=p)
+        for i, p in zip(top.classes, top.probabilities, strict=True)
+    ]
+    best = scores[0]
+    return ImagePrediction(
+        label=best.label, index=best.index, probability=best.probability, top_k=scores
+    )
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _require_media_type(request: Request, accepted: tuple[str, ...]) -> str:
+    media_type = _media_type(request)
+    if media_type not in accepted:
+        raise UnsupportedMediaTypeError(
+            f"content type {media_type or '(none)'!r} is not accepted here; "
+            f"use {', '.join(accepted)}"
+        )
+    return media_type
+
+
+async def read_images(
+    request: Request, spec: Any, settings: Settings, shape: str | None, dtype: str | None
+) -> ImageBatch:
+    """The request's images as a batch, whichever of the three body formats it uses."""
+    media_type = _require_media_type(
+        request, ("multipart/form-data", "application/json", OCTET_STREAM)
+    )
+    limit = settings.max_images_per_request
+    if media_type == OCTET_STREAM:
+        shape = shape or request.headers.get("x-tensor-shape")
+        dtype = dtype or request.headers.get("x-tensor-dtype") or "uint8"
+        if not shape:
+            raise InvalidInputError(
+                "a raw tensor needs its shape: the shape query parameter or the X-Tensor-Shape "
+                "header, e.g. 1,3,32,32"
+            )
+        dims = parse_shape(shape)
+        data = await request.body()
+        return await asyncio.to_thread(decode_tensor, data, dims, dtype, spec, max_images=limit)
+    if media_type == "application/json":
+        raw = await request.body()
+        try:
+            body = Base64Images.model_validate_json(raw)
+        except pydantic.ValidationError as error:
+            raise InvalidInputError(
+                f"invalid JSON images body: {describe_validation(error.errors())}"
+            ) from None
+        files = _from_base64(body.images, settings)
+    else:
+        await request.body()  # read under the body limit before parsing
+        try:
+            form = await request.form(max_files=limit + 1, max_fields=limit + 1)
+        except HTTPException as error:
+            if "Too many files" in str(error.detail):
+                raise PayloadTooLargeError(
+                    f"more than {limit} images in one request; the limit is {limit}"
+                ) from None
+            raise InvalidInputError(f"invalid multipart body: {error.detail}") from None
+        uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        files = [await upload.read() for upload in uploads]
+        await form.close()
+    if not files:
+        raise InvalidInputError("the request has no images")
+    if len(files) > limit:
+        raise PayloadTooLargeError(f"{len(files)} images in one request; the limit is {limit}")
+    return await asyncio.to_thread(
+        decode_images,
+        files,
+        spec,
+        max_bytes=settings.max_image_bytes,
+        max_pixels=settings.max_image_pixels,
+    )
+
+
+def _from_base64(images: list[str], settings: Settings) -> list[bytes]:
+    files = []
+    for index, text in enumerate(images):
+        if len(text) * 3 // 4 > settings.max_image_bytes + 3:
+            raise PayloadTooLargeError(
+                f"image {index}: image is over the limit of {settings.max_image_bytes} bytes"
+            )
+        try:
+            files.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidImageError(f"image {index}: not valid base64") from None
+    return files

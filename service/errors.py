@@ -1,0 +1,223 @@
+"""Typed errors of the service, and the one place where every error becomes an HTTP response.
+
+Every error response has the body ``{"error": {"code": ..., "message": ...}}``. Errors raised by
+the service are :class:`ServiceError` subclasses that carry their status and code; errors of the
+core packages (unknown model or adapter, invalid adapter config, mismatching state, full pool,
+store failure) are mapped in :data:`DOMAIN_ERRORS`; FastAPI's own errors (validation, 404 of an
+unknown route, 405) are reshaped to the same body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, cast
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters import StateMismatchError, UnknownAdapterError
+from adapters.pool import PoolFullError
+from models import ModelError, UnknownModelError
+from service.stores import StoreError
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+
+class ServiceError(Exception):
+    """An error with its HTTP status, a stable machine-readable code and a clear message."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class InvalidInputError(ServiceError):
+    """A request whose content is malformed (images, tensors, bodies)."""
+
+    status, code = 400, "invalid_input"
+
+
+class InvalidImageError(InvalidInputError):
+    """An image that cannot be decoded safely: undecodable, truncated, or of an unusable mode."""
+
+    code = "invalid_image"
+
+
+class InvalidTensorError(ServiceError):
+    """A raw tensor with the wrong shape, dtype, size, or non-finite values."""
+
+    status, code = 422, "invalid_tensor"
+
+
+class PayloadTooLargeError(ServiceError):
+    """A body, an image (bytes or pixels) or a batch over its configured limit."""
+
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    """A request body of a content type the route does not accept."""
+
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidStreamIdError(ServiceError):
+    """A stream id that does not match ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$``."""
+
+    status, code = 422, "invalid_stream_id"
+
+
+class StreamNotFoundError(ServiceError):
+    """No stream with this id."""
+
+    status, code = 404, "stream_not_found"
+
+
+class StreamExistsError(ServiceError):
+    """A stream with this id exists already."""
+
+    status, code = 409, "stream_exists"
+
+
+class ModelNotServedError(ServiceError):
+    """A registered model that this server does not serve (not in ``settings.models``)."""
+
+    status, code = 404, "model_not_found"
+
+
+class CapacityError(ServiceError):
+    """Every stream slot is in use by requests in flight: try again shortly."""
+
+    status, code = 503, "capacity_exhausted"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class QueueFullError(ServiceError):
+    """The model's request queue is full."""
+
+    status, code = 429, "queue_full"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class UnavailableError(ServiceError):
+    """The server is not ready yet or is shutting down."""
+
+    status, code = 503, "unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class DeadlineExceededError(ServiceError):
+    """A request that waited in the queue longer than ``request_timeout_s``."""
+
+    status, code = 504, "deadline_exceeded"
+
+
+class ForwardError(ServiceError):
+    """The forward of a batch failed; no stream state changed."""
+
+    status, code = 500, "forward_failed"
+
+
+class StoreUnavailableError(ServiceError):
+    """The state store failed to read or write a stream's state."""
+
+    status, code = 503, "store_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+# Errors of the core packages: exception type -> (status, code). The first match wins, so a
+# subclass must come before its base.
+DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
+    (UnknownModelError, 404, "model_not_found"),
+    (UnknownAdapterError, 422, "unknown_adapter"),
+    (StateMismatchError, 422, "state_mismatch"),
+    (PoolFullError, 503, "capacity_exhausted"),
+    (StoreError, 503, "store_unavailable"),
+    (ModelError, 500, "model_error"),
+]
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """The JSON body of every error response."""
+    return {"error": {"code": code, "message": message}}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """An error as a JSON response."""
+    return JSONResponse(error_body(code, message), status_code=status, headers=dict(headers or {}))
+
+
+def describe_validation(errors: list[Any], prefix: str = "") -> str:
+    """Pydantic errors as one readable line: ``field: message; field: message``."""
+    parts = []
+    for error in errors:
+        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        where = f"{prefix}{location}" if location else prefix.rstrip(".") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def to_response(error: Exception) -> JSONResponse:
+    """Map any exception to its error response (unknown ones to a logged 500)."""
+    if isinstance(error, ServiceError):
+        return error_response(error.status, error.code, error.message, error.headers)
+    if isinstance(error, pydantic.ValidationError):
+        message = f"invalid {error.title} config: {describe_validation(error.errors())}"
+        return error_response(422, "invalid_config", message)
+    for kind, status, code in DOMAIN_ERRORS:
+        if isinstance(error, kind):
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+            return error_response(status, code, str(error), headers)
+    logger.error("unhandled error", exc_info=error)
+    return error_response(500, "internal_error", f"internal error: {type(error).__name__}")
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers that give every error the ``{"error": {...}}`` shape."""
+
+    async def on_service_error(request: Request, error: Exception) -> JSONResponse:
+        return to_response(error)
+
+    async def on_validation(request: Request, error: Exception) -> JSONResponse:
+        errors = cast(RequestValidationError, error).errors()
+        return error_response(422, "invalid_request", describe_validation(list(errors)))
+
+    async def on_http(request: Request, error: Exception) -> JSONResponse:
+        http = cast(StarletteHTTPException, error)
+        code = _HTTP_CODES.get(http.status_code, "http_error")
+        return error_response(http.status_code, code, str(http.detail), http.headers)
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    for kind in (ServiceError, pydantic.ValidationError, *(k for k, _, _ in DOMAIN_ERRORS)):
+        app.add_exception_handler(kind, on_service_error)
+    app.add_exception_handler(Exception, on_service_error)

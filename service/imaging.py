@@ -1,0 +1,194 @@
+"""Safe decoding of request images and raw tensors into the model's input batch.
+
+Images (JPEG, PNG, WebP) are checked against a byte limit before Pillow sees them and against a
+pixel limit after Pillow has read only the header, so a decompression bomb (a small file that
+declares a huge image) is refused before a single pixel is decoded. Truncated or corrupt files are
+refused (``LOAD_TRUNCATED_IMAGES`` stays off). Raw tensors are uint8 pixels (0-255) or float32
+inputs that are already normalised; their shape must be exactly the model's input.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from models import ModelSpec, pil_to_uint8
+from service.errors import InvalidImageError, InvalidTensorError, PayloadTooLargeError
+
+FORMATS = ("JPEG", "PNG", "WEBP")
+# Modes that convert to RGB without guessing; 16-bit and float images have no agreed scaling.
+CONVERTIBLE_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"})
+DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """A request's images as one batch: uint8 pixels, or float32 inputs already normalised."""
+
+    tensor: torch.Tensor  # [N, 3, H, W], uint8 or float32, on the CPU
+
+    @property
+    def count(self) -> int:
+        """Number of images."""
+        return int(self.tensor.shape[0])
+
+    @property
+    def normalized(self) -> bool:
+        """Whether the tensor is the model's float input (else uint8 pixels to normalise)."""
+        return self.tensor.dtype == torch.float32
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode one JPEG/PNG/WebP file into an RGB image, refusing anything unsafe or unusable.
+
+    Raises:
+        PayloadTooLargeError: more than ``max_bytes`` bytes, or more than ``max_pixels`` pixels.
+        InvalidImageError: empty, not a JPEG/PNG/WebP file, truncated or corrupt, or a mode
+            (16-bit, float) that has no agreed conversion to 8-bit RGB.
+    """
+    if len(data) > max_bytes:
+        raise PayloadTooLargeError(f"image is {len(data)} bytes; the limit is {max_bytes} bytes")
+    if not data:
+        raise InvalidImageError("image is empty")
+    try:
+        # Pillow's own guard raises for images over 2 x Image.MAX_IMAGE_PIXELS; ours follows.
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as error:
+        raise PayloadTooLargeError(f"image refused as a decompression bomb: {error}") from None
+    except UnidentifiedImageError:
+        raise InvalidImageError("cannot decode image: not a JPEG, PNG or WebP file") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise InvalidImageError(
+            f"cannot decode image: the file is truncated or corrupt ({error})"
+        ) from None
+    width, height = image.size
+    # The header has been read, no pixel yet: refuse bombs before decoding.
+    if width * height > max_pixels:
+        raise PayloadTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels"
+        )
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"image has an empty size {width}x{height}")
+    if image.mode not in CONVERTIBLE_MODES:
+        raise InvalidImageError(
+            f"unsupported image mode {image.mode!r}: send 8-bit RGB, RGBA, grayscale or "
+            "palette images"
+        )
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise InvalidImageError(
+            f"cannot decode {image.format} image: the file is truncated or corrupt ({error})"
+        ) from None
+    return image.convert("RGB")
+
+
+def decode_images(
+    files: Sequence[bytes], spec: ModelSpec, *, max_bytes: int, max_pixels: int
+) -> ImageBatch:
+    """Decode encoded images into the model's uint8 input batch (resized to its input size).
+
+    An error names the failing image by its position (``image 2: ...``).
+    """
+    tensors = []
+    for index, data in enumerate(files):
+        try:
+            image = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        except (InvalidImageError, PayloadTooLargeError) as error:
+            error.message = f"image {index}: {error.message}"
+            error.args = (error.message,)
+            raise
+        tensors.append(pil_to_uint8(image, spec))
+    return ImageBatch(torch.stack(tensors))
+
+
+def parse_shape(text: str) -> list[int]:
+    """``"4,3,32,32"`` (or ``"[4, 3, 32, 32]"``) as a list of ints; InvalidTensorError if not."""
+    parts = [part.strip() for part in text.strip().strip("[]()").split(",") if part.strip()]
+    try:
+        shape = [int(part) for part in parts]
+    except ValueError:
+        raise InvalidTensorError(
+            f"invalid tensor shape {text!r}: expected comma-separated integers like 1,3,32,32"
+        ) from None
+    if not shape:
+        raise InvalidTensorError("tensor shape is empty: expected N,3,H,W")
+    return shape
+
+
+def check_shape(shape: Sequence[int], spec: ModelSpec, max_images: int) -> tuple[int, ...]:
+    """The batch shape ``(N, 3, H, W)`` for ``spec``, from ``[N, 3, H, W]`` or ``[3, H, W]``."""
+    height, width = spec.input_size
+    full = tuple(shape) if len(shape) == 4 else (1, *shape) if len(shape) == 3 else None
+    if full is None or full[1:] != (3, height, width) or full[0] < 1:
+        raise InvalidTensorError(
+            f"tensor shape {list(shape)} does not fit model {spec.name}: "
+            f"expected [N, 3, {height}, {width}] with N >= 1"
+        )
+    if full[0] > max_images:
+        raise PayloadTooLargeError(f"{full[0]} images in one request; the limit is {max_images}")
+    return full
+
+
+def decode_tensor(
+    data: bytes | bytearray | memoryview,
+    shape: Sequence[int],
+    dtype: str,
+    spec: ModelSpec,
+    *,
+    max_images: int,
+) -> ImageBatch:
+    """A raw little-endian tensor (uint8 pixels or normalised float32) as the input batch."""
+    torch_dtype = DTYPES.get(dtype.lower())
+    if torch_dtype is None:
+        raise InvalidTensorError(
+            f"unsupported tensor dtype {dtype!r}: expected one of {', '.join(DTYPES)}"
+        )
+    full = check_shape(shape, spec, max_images)
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    expected = math.prod(full) * itemsize
+    if len(data) != expected:
+        raise InvalidTensorError(
+            f"tensor data is {len(data)} bytes; shape {list(shape)} of {dtype} needs "
+            f"{expected} bytes"
+        )
+    tensor = torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(full)
+    return finite_batch(tensor)
+
+
+def tensor_from_list(
+    values: list, shape: Sequence[int], dtype: str, spec: ModelSpec, *, max_images: int
+) -> ImageBatch:
+    """A tensor given as (flat or nested) JSON numbers, as the input batch."""
+    torch_dtype = DTYPES.get(dtype.lower())
+    if torch_dtype is None:
+        raise InvalidTensorError(
+            f"unsupported tensor dtype {dtype!r}: expected one of {', '.join(DTYPES)}"
+        )
+    full = check_shape(shape, spec, max_images)
+    try:
+        tensor = torch.tensor(values, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InvalidTensorError(f"tensor data is not a list of numbers: {error}") from None
+    if tensor.numel() != math.prod(full):
+        raise InvalidTensorError(
+            f"tensor data has {tensor.numel()} values; shape {list(shape)} needs {math.prod(full)}"
+        )
+    if torch_dtype == torch.uint8:
+        if not torch.isfinite(tensor).all() or (tensor != tensor.round()).any():
+            raise InvalidTensorError("uint8 tensor data must be integers in 0..255")
+        if (tensor < 0).any() or (tensor > 255).any():
+            raise InvalidTensorError("uint8 tensor data must be integers in 0..255")
+    return finite_batch(tensor.to(torch_dtype).reshape(full))
+
+
+def finite_batch(tensor: torch.Tensor) -> ImageBatch:
+    """Wrap a batch, refusing float inputs with NaN or infinite values."""
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        raise InvalidTensorError("tensor holds NaN or infinite values")
+    return ImageBatch(tensor.contiguous())

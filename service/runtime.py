@@ -1,0 +1,126 @@
+"""One served model at run time: its engine, its engine thread, its stream slots and batcher.
+
+The engine is not thread-safe, so every call into it (forwards, opening, closing, resetting,
+exporting, importing streams, drift reports) runs on the model's single engine thread, in the
+order it was submitted: a stream's state changes only in that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from adapters.engine import Engine
+from models import ModelSpec, Normalizer, create_model
+from service.metrics import Metrics
+from service.streams import StoreWriter, StreamSlots
+
+if TYPE_CHECKING:
+    from service.scheduler import Batcher
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ModelRuntime:
+    """A loaded model with its engine thread, stream slots, input normaliser and batcher."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        spec: ModelSpec,
+        writer: StoreWriter,
+        max_streams: int,
+        metrics: Metrics,
+    ) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.name = spec.name
+        self.slots = StreamSlots(engine, writer, max_streams, metrics)
+        self.normalizer = Normalizer(spec)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"tta-engine-{spec.name}")
+        self.batcher: Batcher | None = None
+        self._pinned: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model and its streams' states live."""
+        return self.engine.device
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the engine thread, after everything submitted before it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args))
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """Copy a host batch to the model's device (through a reused pinned buffer on CUDA).
+
+        Called on the engine thread only; the previous forward has finished (its logits were
+        read back), so its copy out of the buffer is complete when the buffer is reused.
+        """
+        if self.device.type != "cuda":
+            return batch.to(self.device)
+        size = batch.numel() * batch.element_size()
+        if self._pinned is None or self._pinned.numel() < size:
+            self._pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        staging = self._pinned[:size].view(batch.dtype).view(batch.shape)
+        staging.copy_(batch)
+        return staging.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the engine thread after the work already submitted."""
+        self.executor.shutdown(wait=True)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: cuda when available, else cpu; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda, but CUDA is not available")
+    return torch.device(device)
+
+
+def load_runtime(
+    name: str,
+    *,
+    cache_dir: Path,
+    device: torch.device,
+    capacity: int,
+    observer_window: int,
+    amp: bool,
+    writer: StoreWriter,
+    max_streams: int,
+    metrics: Metrics,
+) -> ModelRuntime:
+    """Build a model and its engine (blocking: call it in a thread)."""
+    model, spec = create_model(name, cache_dir=cache_dir.expanduser())
+    autocast = None
+    if amp and device.type == "cuda":
+        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    engine = Engine(
+        model,
+        name=spec.name,
+        num_classes=spec.num_classes,
+        device=device,
+        capacity=capacity,
+        observer_window=observer_window,
+        autocast_dtype=autocast,
+    )
+    metrics.model_info.labels(
+        spec.name,
+        spec.architecture,
+        str(device),
+        str(spec.num_classes),
+        "x".join(str(s) for s in spec.input_size),
+    ).set(1)
+    logger.info("loaded model %s on %s", spec.name, device)
+    return ModelRuntime(engine, spec, writer, max_streams, metrics)

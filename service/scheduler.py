@@ -1,0 +1,358 @@
+"""The per-model batcher: queued predictions coalesced into one engine forward.
+
+Requests wait in a bounded asyncio queue (full: 429). The batcher takes the oldest ones, up to
+``max_batch_size`` images or until ``max_delay`` has passed since the first, and runs them as one
+``engine.forward`` on the model's engine thread: each request one stream segment, streams of any
+adapter mixed. A stream appears at most once per forward: a second request of the same stream
+waits for the next forward, ahead of anything queued after it. So per stream, requests are
+applied in arrival order, and each request's result is exactly what the engine would give for
+that request alone. A failed forward fails only its own requests and changes no state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.drift import drift_summaries
+from service.errors import (
+    CapacityError,
+    DeadlineExceededError,
+    ForwardError,
+    QueueFullError,
+    UnavailableError,
+)
+from service.imaging import ImageBatch
+from service.metrics import Metrics
+from service.runtime import ModelRuntime
+from service.streams import StreamInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The ``k`` most probable classes of one image, most probable first."""
+
+    classes: list[int]
+    probabilities: list[float]
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """What a prediction request gets back from its forward."""
+
+    predictions: list[TopK]
+    source_predictions: list[TopK] | None
+    logits: torch.Tensor  # [N, C] float32, CPU
+    samples: int
+    drift: dict[str, Any] | None
+    stored: Future[None] | None  # the sync-durability write of the new state, if any
+
+
+@dataclass(eq=False)
+class PredictRequest:
+    """One request in the queue: a stream's images and what to do with them."""
+
+    info: StreamInfo
+    images: ImageBatch
+    adapt: bool = True
+    source: bool = False
+    top_k: int = 5
+    drift: bool = True  # compute the stream's drift summary after the forward
+    deadline: float = float("inf")  # event-loop time
+    enqueued: float = 0.0
+    future: asyncio.Future[PredictResult] = field(default_factory=lambda: _new_future())
+
+    @property
+    def count(self) -> int:
+        """Images in the request."""
+        return self.images.count
+
+
+def _new_future() -> asyncio.Future[PredictResult]:
+    return asyncio.get_running_loop().create_future()
+
+
+class _Defer:
+    """Marker: the request could not get a slot in this forward; it goes into the next."""
+
+
+DEFER = _Defer()
+Outcome = PredictResult | Exception | _Defer
+
+
+class Batcher:
+    """Coalesces one model's queued requests into forwards on its engine thread.
+
+    Args:
+        runtime: the model's runtime.
+        max_batch_size: images per forward (a single larger request runs alone).
+        max_delay_s: how long the first request of a batch waits for others.
+        max_queue: queued requests before submit raises QueueFullError.
+        sync: persist each adapted stream's new state before its request completes.
+        metrics: the app's metrics.
+    """
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        sync: bool,
+        metrics: Metrics,
+    ) -> None:
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.sync = sync
+        self.metrics = metrics
+        self.queue: asyncio.Queue[PredictRequest | None] = asyncio.Queue(max_queue)
+        self._carry: deque[PredictRequest] = deque()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        metrics.queue_depth.labels(runtime.name).set_function(
+            lambda: self.queue.qsize() + len(self._carry)
+        )
+
+    def start(self) -> None:
+        """Start the batching task on the running loop."""
+        self._task = asyncio.create_task(self._run(), name=f"batcher-{self.runtime.name}")
+
+    async def stop(self) -> None:
+        """Refuse new requests, finish the queued ones, and end the task."""
+        self._closing = True
+        # Wake a batcher waiting on an empty queue; a full one is busy and sees _closing later.
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)
+        if self._task is not None:
+            await self._task
+
+    async def submit(self, request: PredictRequest) -> PredictResult:
+        """Queue a request and wait for its result."""
+        if self._closing:
+            raise UnavailableError("the server is shutting down")
+        request.enqueued = asyncio.get_running_loop().time()
+        try:
+            self.queue.put_nowait(request)
+        except asyncio.QueueFull:
+            raise QueueFullError(
+                f"the request queue of model {self.runtime.name} is full "
+                f"({self.queue.maxsize} requests); retry later"
+            ) from None
+        return await request.future
+
+    # --- the loop ---
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            if batch is None:
+                return
+            if batch:
+                await self._forward(batch)
+
+    async def _next(self, timeout: float | None) -> PredictRequest | None:
+        """The oldest pending request (deferred ones first); None on timeout or when drained."""
+        if self._carry:
+            return self._carry.popleft()
+        while True:
+            if self.queue.empty() and self._closing:
+                return None
+            if timeout is not None and timeout <= 0:
+                if self.queue.empty():
+                    return None
+                item = self.queue.get_nowait()
+            elif timeout is None:
+                item = await self.queue.get()
+            else:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout)
+                except TimeoutError:
+                    return None
+            if item is not None:
+                return item
+
+    def _usable(self, request: PredictRequest, now: float) -> bool:
+        """False for a request cancelled by its client or past its deadline (failed here)."""
+        if request.future.done():
+            return False
+        if now > request.deadline:
+            request.future.set_exception(
+                DeadlineExceededError(
+                    f"the request waited longer than its deadline "
+                    f"({request.deadline - request.enqueued:.3g} s) in the queue"
+                )
+            )
+            return False
+        return True
+
+    async def _collect(self) -> list[PredictRequest] | None:
+        """The next batch; None once closing and drained."""
+        loop = asyncio.get_running_loop()
+        first = await self._next(None)
+        if first is None:
+            return None
+        if not self._usable(first, loop.time()):
+            return []
+        batch, streams, images = [first], {first.info.id}, first.count
+        deferred: list[PredictRequest] = []
+        close_at = loop.time() + self.max_delay_s
+        while images < self.max_batch_size:
+            request = await self._next(close_at - loop.time())
+            if request is None:
+                break
+            if not self._usable(request, loop.time()):
+                continue
+            if request.info.id in streams:
+                deferred.append(request)  # its stream is in this forward: next one
+                continue
+            if images + request.count > self.max_batch_size:
+                deferred.append(request)
+                break
+            batch.append(request)
+            streams.add(request.info.id)
+            images += request.count
+        # Deferred requests keep their place ahead of everything not yet looked at.
+        self._carry.extendleft(reversed(deferred))
+        return batch
+
+    async def _forward(self, batch: list[PredictRequest]) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        model = self.runtime.name
+        for request in batch:
+            self.metrics.stage_latency.labels(model, "queue").observe(now - request.enqueued)
+        started = time.perf_counter()
+        try:
+            outcomes = await self.runtime.call(run_batch, self.runtime, batch, self.sync)
+        except Exception as error:  # the engine's failure: fail these requests, keep serving
+            logger.exception("forward of %d requests failed", len(batch))
+            self.metrics.forward_errors.labels(model).inc()
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(
+                        ForwardError(f"the forward failed, no state changed: {error}")
+                    )
+            return
+        self.metrics.stage_latency.labels(model, "forward").observe(time.perf_counter() - started)
+        done = [r for r, o in zip(batch, outcomes, strict=True) if not isinstance(o, _Defer)]
+        self.metrics.batch_requests.labels(model).observe(len(done))
+        self.metrics.batch_images.labels(model).observe(sum(r.count for r in done))
+        retry = []
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, _Defer):
+                retry.append(request)
+            elif request.future.done():
+                continue
+            elif isinstance(outcome, PredictResult):
+                adapted = "true" if request.adapt else "false"
+                self.metrics.images.labels(model, request.info.adapter, adapted).inc(request.count)
+                request.future.set_result(outcome)
+            else:
+                request.future.set_exception(outcome)
+        self._carry.extendleft(reversed(retry))
+
+
+def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) -> list[Outcome]:
+    """Run one forward for ``batch`` (on the engine thread): every request's outcome, in order.
+
+    Streams are loaded into slots first (streams of this batch are never evicted for each
+    other); a request whose stream cannot get a slot now is deferred, one whose stream is gone
+    fails alone. An exception of the engine's forward propagates: the whole batch failed.
+    """
+    slots, engine = runtime.slots, runtime.engine
+    pinned = frozenset(r.info.id for r in batch)
+    outcomes: list[Outcome | None] = [None] * len(batch)
+    ready = []
+    for index, request in enumerate(batch):
+        try:
+            resident = slots.ensure(request.info, pinned)
+        except CapacityError:
+            outcomes[index] = DEFER
+            continue
+        except Exception as error:  # this stream cannot be loaded: fail it alone, not the batch
+            outcomes[index] = error
+            continue
+        ready.append((index, request, resident))
+    if not ready:
+        return [o if o is not None else DEFER for o in outcomes]
+    # uint8 requests first, so their pixels cross to the device and are normalised in one piece.
+    ready.sort(key=lambda item: item[1].images.normalized)
+    parts = []
+    pixels = [r.images.tensor for _, r, _ in ready if not r.images.normalized]
+    if pixels:
+        parts.append(runtime.normalizer(runtime.to_device(torch.cat(pixels))))
+    inputs = [r.images.tensor for _, r, _ in ready if r.images.normalized]
+    if inputs:
+        parts.append(runtime.to_device(torch.cat(inputs)))
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+    segments = [(resident.handle, request.count) for _, request, resident in ready]
+    logits = engine.forward(x, segments, adapt=[request.adapt for _, request, _ in ready])
+    source_rows = [
+        (start, request.count)
+        for start, (_, request, _) in zip(_starts(ready), ready, strict=True)
+        if request.source
+    ]
+    source_logits = None
+    if source_rows:
+        rows = torch.cat([torch.arange(s, s + n) for s, n in source_rows]).to(x.device)
+        source_logits = engine.forward_source(x.index_select(0, rows))
+    k = min(max(r.top_k for _, r, _ in ready), engine.num_classes)
+    top = _top_k(logits, k)
+    source_top = _top_k(source_logits, k) if source_logits is not None else None
+    logits_cpu = logits.cpu()
+    drifts = iter(drift_summaries(engine, [res.handle for _, r, res in ready if r.drift]))
+    source_offset = 0
+    for start, (index, request, resident) in zip(_starts(ready), ready, strict=True):
+        stop = start + request.count
+        source_predictions = None
+        if source_top is not None and request.source:
+            end = source_offset + request.count
+            source_predictions = _slice(source_top, source_offset, end, request.top_k)
+            source_offset = end
+        stored = None
+        if request.adapt:
+            resident.samples += request.count
+            resident.dirty = True
+            if sync:
+                stored = slots.persist(resident)
+        outcomes[index] = PredictResult(
+            predictions=_slice(top, start, stop, request.top_k),
+            source_predictions=source_predictions,
+            logits=logits_cpu[start:stop],
+            samples=resident.samples,
+            drift=next(drifts) if request.drift else None,
+            stored=stored,
+        )
+    return [o if o is not None else DEFER for o in outcomes]
+
+
+def _starts(ready: list) -> list[int]:
+    starts, offset = [], 0
+    for _, request, _ in ready:
+        starts.append(offset)
+        offset += request.count
+    return starts
+
+
+def _top_k(logits: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
+    values, indices = logits.float().softmax(1).topk(k, dim=1)
+    return values.cpu().tolist(), indices.cpu().tolist()
+
+
+def _slice(
+    top: tuple[list[list[float]], list[list[int]]], start: int, stop: int, k: int
+) -> list[TopK]:
+    values, indices = top
+    return [TopK(indices[i][:k], values[i][:k]) for i in range(start, stop)]

@@ -1,0 +1,127 @@
+"""The server's settings: one pydantic-settings model, from the environment and a config file.
+
+Every field can be set as an environment variable with the ``TTA_`` prefix (``TTA_PORT=9000``,
+``TTA_MODELS='["cifar10_resnet20","cifar10_resnet32"]'``) or in a TOML or JSON file named by
+``TTA_CONFIG_FILE``; the environment wins over the file, and arguments given to ``Settings(...)``
+win over both. Nothing reads settings globally: ``create_app(settings)`` passes them down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "TTA_CONFIG_FILE"
+
+
+class Settings(BaseSettings):
+    """Everything the server can be configured with (env prefix ``TTA_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TTA_", extra="forbid")
+
+    # --- network ---
+    host: str = Field(default="127.0.0.1", description="address uvicorn binds to")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port uvicorn listens on")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="log level of the tta-serve entry point"
+    )
+
+    # --- models ---
+    models: list[str] = Field(
+        default_factory=lambda: ["cifar10_resnet20"], min_length=1, description="models served"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="cpu", description="where models and states live; auto: cuda if available"
+    )
+    amp: bool = Field(default=False, description="autocast the forward to bf16/fp16 on CUDA")
+    model_cache_dir: Path = Field(
+        default=Path("~/.cache/tta-serve/models"), description="weights cache (seed it offline)"
+    )
+    observer_window: int = Field(
+        default=1000, ge=1, description="images the drift observer remembers"
+    )
+
+    # --- state ---
+    data_dir: Path = Field(default=Path("./data"), description="root of the local state store")
+    store: Literal["local", "redis", "memory"] = Field(
+        default="local", description="state store kind"
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis store URL")
+    durability: Literal["sync", "interval"] = Field(
+        default="interval",
+        description="sync: persist before each predict response; interval: periodically",
+    )
+    flush_interval_s: float = Field(default=5.0, gt=0, description="period of the interval flush")
+    slots_per_pool: int = Field(
+        default=256, ge=1, description="stream slots per (model, adapter) state pool"
+    )
+    max_streams: int = Field(
+        default=1024, ge=1, description="streams in slots per model; beyond, LRU ones are evicted"
+    )
+    stream_ttl_s: float | None = Field(
+        default=None, gt=0, description="default time-to-live of an idle stream (None: forever)"
+    )
+
+    # --- batching ---
+    max_batch_size: int = Field(default=256, ge=1, description="images per forward")
+    max_delay_ms: float = Field(
+        default=2.0, ge=0, description="how long a batch waits for more requests"
+    )
+    max_queue: int = Field(default=1024, ge=1, description="requests queued per model before 429")
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="deadline of a queued request (504 after)"
+    )
+
+    # --- input limits ---
+    max_body_bytes: int = Field(default=64 << 20, ge=1024, description="largest request body")
+    max_image_bytes: int = Field(default=8 << 20, ge=64, description="largest encoded image")
+    max_image_pixels: int = Field(
+        default=16_000_000, ge=1, description="largest image (width x height), checked first"
+    )
+    max_images_per_request: int = Field(default=256, ge=1, description="images in one request")
+
+    # --- metrics ---
+    metrics_top_k: int = Field(
+        default=10, ge=0, description="streams with per-stream drift gauges (top-K by drift)"
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models: list[str]) -> list[str]:
+        if len(set(models)) != len(models):
+            raise ValueError("models must not repeat")
+        return models
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then the ``TTA_CONFIG_FILE`` file (TOML or JSON)."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+            if path.suffix == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            elif path.suffix == ".json":
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+            else:
+                raise ValueError(f"{CONFIG_FILE_ENV} must name a .toml or .json file: {path}")
+        return tuple(sources)

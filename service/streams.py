@@ -1,0 +1,657 @@
+"""The stream registry: which streams exist, which hold a slot, and where their state persists.
+
+Two halves, each used from one place only, so no lock guards stream state:
+
+- :class:`StreamRegistry` lives on the event loop: the set of registered streams (id, model,
+  adapter, config, TTL, last use), id validation, creation, deletion, TTL expiry, restore at
+  start-up. Every engine call it needs is sent to the model's engine thread.
+- :class:`StreamSlots` lives on one model's engine thread: the streams that hold a slot in the
+  engine's state pools, in LRU order. Loading a stream that has no slot evicts the least recently
+  used one, whose state is written back to the store first; an evicted stream is reloaded from
+  the store, transparently, on its next request.
+
+Store writes go through :class:`StoreWriter`, one thread that applies them in order and lets
+reads see the writes it has not finished yet, so an evicted stream is never reloaded stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from adapters import StateMismatchError, get_adapter
+from adapters.engine import Engine, PoolKey, StreamHandle
+from adapters.pool import PoolFullError
+from service.errors import (
+    CapacityError,
+    InvalidStreamIdError,
+    ModelNotServedError,
+    StoreUnavailableError,
+    StreamExistsError,
+    StreamNotFoundError,
+)
+from service.metrics import Metrics, StreamSignal
+from service.stores import StateStore, StoreError, StreamRecord
+
+if TYPE_CHECKING:
+    from service.runtime import ModelRuntime
+
+logger = logging.getLogger(__name__)
+
+STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SERVICE_METADATA_KEY = "tta-serve.service"
+
+
+def validate_stream_id(stream_id: str) -> str:
+    """Return ``stream_id`` if it is a valid id; InvalidStreamIdError otherwise."""
+    if not STREAM_ID.fullmatch(stream_id):
+        raise InvalidStreamIdError(
+            f"invalid stream id {stream_id[:140]!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return stream_id
+
+
+def new_stream_id() -> str:
+    """A random stream id."""
+    return "s-" + secrets.token_hex(8)
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a stream is: everything persisted with its state except the state itself."""
+
+    id: str
+    model: str
+    adapter: str
+    config: dict[str, Any]
+    seed: int
+    created_at: float
+    ttl_seconds: float | None
+
+    def record(self, state: bytes) -> StreamRecord:
+        """The store record of this stream with ``state``."""
+        return StreamRecord(
+            id=self.id,
+            model=self.model,
+            adapter=self.adapter,
+            config=self.config,
+            seed=self.seed,
+            created_at=self.created_at,
+            ttl_seconds=self.ttl_seconds,
+            state=state,
+        )
+
+    @classmethod
+    def of(cls, record: StreamRecord) -> StreamInfo:
+        """The info of a stored record."""
+        return cls(
+            record.id,
+            record.model,
+            record.adapter,
+            dict(record.config),
+            record.seed,
+            record.created_at,
+            record.ttl_seconds,
+        )
+
+
+# --- service metadata in the state file ------------------------------------------------------
+
+
+def attach_metadata(state: bytes, metadata: dict[str, Any]) -> bytes:
+    """The engine's safetensors ``state`` with the service's ``metadata`` added to its header.
+
+    The header is JSON after an 8-byte length and tensor offsets are relative to the data that
+    follows it, so the header can grow without touching the tensors. The engine ignores the key.
+    """
+    size = int.from_bytes(state[:8], "little")
+    header = json.loads(state[8 : 8 + size])
+    header.setdefault("__metadata__", {})[SERVICE_METADATA_KEY] = json.dumps(
+        metadata, sort_keys=True
+    )
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    return len(text).to_bytes(8, "little") + text + state[8 + size :]
+
+
+def read_metadata(state: bytes) -> dict[str, Any]:
+    """The service metadata of a state file ({} if it has none or the header is malformed)."""
+    try:
+        size = int.from_bytes(state[:8], "little")
+        header = json.loads(state[8 : 8 + size])
+        metadata = json.loads(header["__metadata__"][SERVICE_METADATA_KEY])
+    except (ValueError, KeyError, TypeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def samples_of(state: bytes) -> int:
+    """The number of images a stored stream has adapted to (0 when unknown)."""
+    samples = read_metadata(state).get("samples", 0)
+    return samples if isinstance(samples, int) and samples >= 0 else 0
+
+
+# --- store writer ----------------------------------------------------------------------------
+
+
+class StoreWriter:
+    """Applies store writes in submission order on one thread; reads see pending writes.
+
+    A failed put stays pending (and readable), and :meth:`retry_failed` submits it again, so a
+    stream's newest state is never lost to a store that was briefly down while the process runs.
+    """
+
+    def __init__(self, store: StateStore, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tta-store")
+        self._lock = threading.Lock()
+        self._sequence = 0
+        # id -> (sequence of the newest op, record to write, or None for a deletion)
+        self._pending: dict[str, tuple[int, StreamRecord | None]] = {}
+        self._failed: dict[str, int] = {}
+
+    def put(self, record: StreamRecord) -> Future[None]:
+        """Write ``record`` (after every write submitted before it)."""
+        return self._submit(record.id, record)
+
+    def delete(self, stream_id: str) -> Future[None]:
+        """Delete the stream's record (after every write submitted before it)."""
+        return self._submit(stream_id, None)
+
+    def get(self, stream_id: str, model: str = "") -> StreamRecord | None:
+        """The stream's newest record: a pending write if any, else the store's (may raise).
+
+        ``model`` labels the read's latency (empty when the caller does not know it yet).
+        """
+        with self._lock:
+            pending = self._pending.get(stream_id)
+        if pending is not None:
+            return pending[1]
+        started = time.perf_counter()
+        try:
+            return self.store.get(stream_id)
+        except StoreError:
+            self.metrics.store_errors.labels("get").inc()
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.stage_latency.labels(model, "store").observe(elapsed)
+
+    def retry_failed(self) -> list[Future[None]]:
+        """Submit the failed writes again."""
+        with self._lock:
+            failed = [(sid, self._pending[sid][1]) for sid in self._failed if sid in self._pending]
+        return [self._submit(sid, record) for sid, record in failed]
+
+    def close(self) -> None:
+        """Finish every submitted write, then stop the thread."""
+        self._executor.shutdown(wait=True)
+
+    def _submit(self, stream_id: str, record: StreamRecord | None) -> Future[None]:
+        with self._lock:
+            self._sequence += 1
+            sequence = self._sequence
+            self._pending[stream_id] = (sequence, record)
+        return self._executor.submit(self._apply, stream_id, record, sequence)
+
+    def _apply(self, stream_id: str, record: StreamRecord | None, sequence: int) -> None:
+        operation = "delete" if record is None else "put"
+        started = time.perf_counter()
+        try:
+            if record is None:
+                self.store.delete(stream_id)
+            else:
+                self.store.put(record)
+        except StoreError:
+            self.metrics.store_errors.labels(operation).inc()
+            with self._lock:
+                self._failed[stream_id] = sequence
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            model = record.model if record is not None else ""
+            self.metrics.stage_latency.labels(model, "store").observe(elapsed)
+        with self._lock:
+            if self._pending.get(stream_id, (None,))[0] == sequence:
+                del self._pending[stream_id]
+                self._failed.pop(stream_id, None)
+
+
+# --- slots (engine thread) -------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Resident:
+    """A stream that holds a slot: its handle, its sample count and whether it is unsaved."""
+
+    info: StreamInfo
+    handle: StreamHandle
+    samples: int = 0
+    dirty: bool = False
+
+
+class StreamSlots:
+    """The streams of one model that hold a slot, in LRU order; used on its engine thread only.
+
+    Args:
+        engine: the model's engine.
+        writer: where evicted and persisted states go, and where evicted streams come from.
+        max_streams: streams that may hold a slot at once; beyond, the LRU one is evicted.
+        metrics: the app's metrics.
+    """
+
+    def __init__(
+        self, engine: Engine, writer: StoreWriter, max_streams: int, metrics: Metrics
+    ) -> None:
+        self.engine = engine
+        self.writer = writer
+        self.max_streams = max_streams
+        self.metrics = metrics
+        self.resident: OrderedDict[str, Resident] = OrderedDict()
+
+    @property
+    def model(self) -> str:
+        """The model's name."""
+        return self.engine.name
+
+    def open(self, info: StreamInfo, pinned: frozenset[str] = frozenset()) -> Resident:
+        """Give a new stream a slot with a fresh state (its seed picked now if it has none)."""
+        seed = info.seed if info.seed >= 0 else None
+        handle = self._allocate(info, seed, pinned)
+        resident = Resident(replace(info, seed=handle.seed), handle)
+        self.resident[info.id] = resident
+        self._count()
+        return resident
+
+    def ensure(self, info: StreamInfo, pinned: frozenset[str] = frozenset()) -> Resident:
+        """The stream's slot, reloading it from the store if it was evicted."""
+        resident = self.resident.get(info.id)
+        # created_at tells a stream from a later one with the same id (deleted and re-created
+        # while a request of the old one was queued): that request finds no stream.
+        if resident is not None and resident.info.created_at == info.created_at:
+            self.resident.move_to_end(info.id)
+            return resident
+        if resident is not None:
+            raise StreamNotFoundError(f"stream {info.id!r} not found (it was deleted)")
+        try:
+            record = self.writer.get(info.id, info.model)
+        except StoreError as error:
+            raise StoreUnavailableError(f"cannot load stream {info.id!r}: {error}") from None
+        if record is None or record.created_at != info.created_at:
+            raise StreamNotFoundError(f"stream {info.id!r} not found")
+        handle = self._allocate(info, info.seed, pinned)
+        try:
+            handle = self.engine.import_stream(handle, record.state)
+        except StateMismatchError as error:
+            self.engine.close_stream(handle)
+            raise StoreUnavailableError(
+                f"the stored state of stream {info.id!r} is unusable: {error}"
+            ) from None
+        resident = Resident(info, handle, samples_of(record.state))
+        self.resident[info.id] = resident
+        self._count()
+        return resident
+
+    def close(self, stream_id: str) -> None:
+        """Free the stream's slot without saving it (deletion)."""
+        resident = self.resident.pop(stream_id, None)
+        if resident is not None:
+            self.engine.close_stream(resident.handle)
+            self._count()
+
+    def export(self, resident: Resident) -> bytes:
+        """The stream's state with the service metadata (its sample count)."""
+        return attach_metadata(
+            self.engine.export_stream(resident.handle), {"samples": resident.samples}
+        )
+
+    def persist(self, resident: Resident) -> Future[None]:
+        """Write the stream's current state to the store (in order with every other write)."""
+        resident.dirty = False
+        return self.writer.put(resident.info.record(self.export(resident)))
+
+    def flush(self) -> list[Future[None]]:
+        """Persist every stream with unsaved changes."""
+        return [self.persist(r) for r in list(self.resident.values()) if r.dirty]
+
+    def evict(self, stream_id: str) -> Future[None] | None:
+        """Write the stream back to the store (if it changed since last saved), free its slot."""
+        resident = self.resident.pop(stream_id, None)
+        if resident is None:
+            return None
+        future = self.persist(resident) if resident.dirty else None
+        self.engine.close_stream(resident.handle)
+        self.metrics.streams_evicted.labels(self.model).inc()
+        self._count()
+        logger.debug("evicted stream %s of %s", stream_id, self.model)
+        return future
+
+    def _allocate(self, info: StreamInfo, seed: int | None, pinned: frozenset[str]) -> StreamHandle:
+        """A slot for the stream, evicting LRU streams (never a pinned one) to make room."""
+        while len(self.resident) >= self.max_streams:
+            self._evict_lru(pinned, None)
+        key = pool_key(info.adapter, info.config)
+        while True:
+            try:
+                return self.engine.open_stream(info.adapter, info.config, seed)
+            except PoolFullError:
+                self._evict_lru(pinned, key)
+
+    def _evict_lru(self, pinned: frozenset[str], key: PoolKey | None) -> None:
+        for stream_id, resident in self.resident.items():
+            if stream_id in pinned or (key is not None and resident.handle.pool != key):
+                continue
+            self.evict(stream_id)
+            return
+        raise CapacityError(
+            f"every stream slot of model {self.model} is in use by requests in flight "
+            f"(max_streams={self.max_streams}, slots_per_pool={self.engine.capacity})"
+        )
+
+    def _count(self) -> None:
+        self.metrics.streams_active.labels(self.model).set(len(self.resident))
+
+
+def pool_key(adapter: str, config: dict[str, Any]) -> PoolKey:
+    """The engine pool a stream of this adapter and config lives in (the engine's formula)."""
+    spec = get_adapter(adapter)
+    validated = spec.config.model_validate(config)
+    return spec.name, tuple((name, getattr(validated, name)) for name in spec.structural)
+
+
+# --- registry (event loop) -------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class StreamEntry:
+    """A registered stream as the event loop sees it."""
+
+    info: StreamInfo
+    last_used: float = field(default_factory=time.monotonic)
+    samples: int = 0
+    signal: StreamSignal | None = None
+
+
+class StreamRegistry:
+    """Every registered stream of the app, across its models; used on the event loop only.
+
+    Args:
+        runtimes: the served models' runtimes, by name.
+        writer: the store writer shared by all models.
+        sync: persist each change before answering (``durability=sync``).
+        default_ttl_s: TTL of streams created without one (None: no expiry).
+        metrics: the app's metrics.
+    """
+
+    def __init__(
+        self,
+        runtimes: dict[str, ModelRuntime],
+        writer: StoreWriter,
+        *,
+        sync: bool,
+        default_ttl_s: float | None,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runtimes = runtimes
+        self.writer = writer
+        self.sync = sync
+        self.default_ttl_s = default_ttl_s
+        self.metrics = metrics
+        self.clock = clock
+        self.entries: dict[str, StreamEntry] = {}
+        self._reserved: set[str] = set()
+
+    # --- lookup ---
+
+    def runtime(self, model: str) -> ModelRuntime:
+        """The runtime of a served model; ModelNotServedError otherwise."""
+        try:
+            return self.runtimes[model]
+        except KeyError:
+            raise ModelNotServedError(
+                f"model {model!r} is not served here; served: {', '.join(sorted(self.runtimes))}"
+            ) from None
+
+    def get(self, stream_id: str, *, touch: bool = True) -> StreamEntry:
+        """The stream's entry; StreamNotFoundError if there is none.
+
+        ``touch`` marks the stream used (its TTL counts from now); reading its metadata does not.
+        """
+        validate_stream_id(stream_id)
+        entry = self.entries.get(stream_id)
+        if entry is None:
+            raise StreamNotFoundError(f"stream {stream_id!r} not found")
+        if touch:
+            entry.last_used = self.clock()
+        return entry
+
+    async def find(self, stream_id: str, *, touch: bool = True) -> StreamEntry:
+        """Like :meth:`get`, but a stream unknown here is looked up in the store.
+
+        With a shared store (Redis) another replica may have created the stream, or handed it
+        over; it is registered here and loaded into a slot on first use.
+        """
+        validate_stream_id(stream_id)
+        if stream_id in self.entries or stream_id in self._reserved:
+            return self.get(stream_id, touch=touch)
+        try:
+            record = await asyncio.to_thread(self.writer.get, stream_id)
+        except StoreError as error:
+            raise StoreUnavailableError(f"cannot look up stream {stream_id!r}: {error}") from None
+        if stream_id not in self.entries and record is not None and record.model in self.runtimes:
+            self.entries[stream_id] = StreamEntry(
+                StreamInfo.of(record), last_used=self.clock(), samples=samples_of(record.state)
+            )
+            self._count(record.model)
+            logger.info("stream %s found in the store", stream_id)
+        return self.get(stream_id, touch=touch)
+
+    def page(self, offset: int, limit: int) -> tuple[list[StreamEntry], int]:
+        """Entries sorted by id, ``limit`` from ``offset``, and the total count."""
+        ids = sorted(self.entries)
+        return [self.entries[i] for i in ids[offset : offset + limit]], len(ids)
+
+    def signals(self) -> dict[str, StreamSignal]:
+        """The latest drift summary of every stream that has one (for the top-K gauges)."""
+        return {sid: e.signal for sid, e in self.entries.items() if e.signal is not None}
+
+    # --- lifecycle ---
+
+    async def create(
+        self,
+        stream_id: str | None,
+        model: str,
+        adapter: str,
+        config: dict[str, Any] | None,
+        ttl_seconds: float | None,
+    ) -> StreamEntry:
+        """Register a new stream with a fresh state, persisted before this returns."""
+        stream_id = validate_stream_id(stream_id) if stream_id is not None else new_stream_id()
+        if stream_id in self.entries or stream_id in self._reserved:
+            raise StreamExistsError(f"stream {stream_id!r} already exists")
+        runtime = self.runtime(model)
+        spec = get_adapter(adapter)
+        validated = spec.config.model_validate(config or {})
+        info = StreamInfo(
+            id=stream_id,
+            model=model,
+            adapter=spec.name,
+            config=validated.model_dump(mode="json"),
+            seed=-1,
+            created_at=time.time(),
+            ttl_seconds=ttl_seconds if ttl_seconds is not None else self.default_ttl_s,
+        )
+        self._reserved.add(stream_id)
+        try:
+            opened = await runtime.call(self._open, runtime.slots, info)
+            try:
+                await self._wait_store(opened.persisted, f"save stream {stream_id!r}")
+            except StoreUnavailableError:
+                # Not created: free the slot, and make sure the unsaved record never appears.
+                await runtime.call(runtime.slots.close, stream_id)
+                self.writer.delete(stream_id)
+                raise
+            entry = StreamEntry(opened.info, last_used=self.clock())
+            self.entries[stream_id] = entry
+        finally:
+            self._reserved.discard(stream_id)
+        self._count(model)
+        return entry
+
+    @staticmethod
+    def _open(slots: StreamSlots, info: StreamInfo) -> _Opened:
+        resident = slots.open(info)
+        return _Opened(resident.info, slots.persist(resident))
+
+    async def delete(self, stream_id: str) -> None:
+        """Forget the stream: free its slot and delete its stored state."""
+        entry = await self.find(stream_id)
+        del self.entries[stream_id]
+        runtime = self.runtime(entry.info.model)
+        await runtime.call(runtime.slots.close, stream_id)
+        await self._wait_store(self.writer.delete(stream_id), f"delete stream {stream_id!r}")
+        self._count(entry.info.model)
+
+    async def reset(self, stream_id: str) -> StreamEntry:
+        """Give the stream its initial state back (same seed)."""
+        entry = await self.find(stream_id)
+        runtime = self.runtime(entry.info.model)
+
+        def reset(slots: StreamSlots) -> Future[None] | None:
+            resident = slots.ensure(entry.info)
+            slots.engine.reset_stream(resident.handle)
+            resident.samples = 0
+            return self._changed(slots, resident)
+
+        await self._wait_store(await runtime.call(reset, runtime.slots), "save the reset state")
+        entry.samples, entry.signal = 0, None
+        return entry
+
+    async def export_state(self, stream_id: str) -> bytes:
+        """The stream's state as safetensors bytes (with JSON metadata)."""
+        entry = await self.find(stream_id)
+        runtime = self.runtime(entry.info.model)
+
+        def export(slots: StreamSlots) -> bytes:
+            return slots.export(slots.ensure(entry.info))
+
+        return await runtime.call(export, runtime.slots)
+
+    async def import_state(self, stream_id: str, data: bytes) -> StreamEntry:
+        """Replace the stream's state by an exported one, checked against its model and adapter."""
+        entry = await self.find(stream_id)
+        runtime = self.runtime(entry.info.model)
+
+        def load(slots: StreamSlots) -> tuple[StreamInfo, int, Future[None] | None]:
+            resident = slots.ensure(entry.info)
+            handle = slots.engine.import_stream(resident.handle, data)
+            resident.handle = handle
+            resident.info = replace(resident.info, seed=handle.seed)
+            resident.samples = samples_of(data)
+            return resident.info, resident.samples, self._changed(slots, resident)
+
+        info, samples, future = await runtime.call(load, runtime.slots)
+        # The exporter's seed becomes the stream's: a later reset re-creates its initial state.
+        entry.info, entry.samples, entry.signal = info, samples, None
+        await self._wait_store(future, "save the imported state")
+        return entry
+
+    async def drift(self, stream_id: str) -> dict[str, Any]:
+        """The stream's full drift report."""
+        entry = await self.find(stream_id)
+        runtime = self.runtime(entry.info.model)
+
+        def drift(slots: StreamSlots) -> dict[str, Any]:
+            return slots.engine.drift(slots.ensure(entry.info).handle)
+
+        return await runtime.call(drift, runtime.slots)
+
+    def _changed(self, slots: StreamSlots, resident: Resident) -> Future[None] | None:
+        """Mark a changed stream: persisted now under sync durability, else at the next flush."""
+        resident.dirty = True
+        return slots.persist(resident) if self.sync else None
+
+    async def _wait_store(self, future: Future[None] | None, action: str) -> None:
+        if future is None:
+            return
+        try:
+            await asyncio.wrap_future(future)
+        except StoreError as error:
+            raise StoreUnavailableError(f"cannot {action}: {error}") from None
+
+    # --- start-up, expiry, flush ---
+
+    def restore(self) -> int:
+        """Register every stored stream of a served model (loaded into a slot on first use)."""
+        count = 0
+        for record in self.writer.store.load_all():
+            if record.model not in self.runtimes:
+                logger.warning(
+                    "stream %s is for model %s, which is not served: left in the store",
+                    record.id,
+                    record.model,
+                )
+                continue
+            if not STREAM_ID.fullmatch(record.id):
+                logger.warning("stored stream id %r is invalid: skipped", record.id)
+                continue
+            self.entries[record.id] = StreamEntry(
+                StreamInfo.of(record), last_used=self.clock(), samples=samples_of(record.state)
+            )
+            count += 1
+        for model in self.runtimes:
+            self._count(model)
+        return count
+
+    async def expire(self) -> list[str]:
+        """Delete the streams idle for longer than their TTL."""
+        now = self.clock()
+        expired = [
+            sid
+            for sid, entry in self.entries.items()
+            if entry.info.ttl_seconds is not None and now - entry.last_used > entry.info.ttl_seconds
+        ]
+        for stream_id in expired:
+            model = self.entries[stream_id].info.model
+            try:
+                await self.delete(stream_id)
+            except (StreamNotFoundError, StoreUnavailableError) as error:
+                logger.warning("expiring stream %s: %s", stream_id, error)
+                continue
+            self.metrics.streams_expired.labels(model).inc()
+            logger.info("stream %s expired", stream_id)
+        return expired
+
+    async def flush(self) -> None:
+        """Persist every changed stream of every model, and retry failed writes."""
+        futures: list[Future[None]] = list(self.writer.retry_failed())
+        for runtime in self.runtimes.values():
+            futures += await runtime.call(runtime.slots.flush)
+        for future in futures:
+            try:
+                await asyncio.wrap_future(future)
+            except StoreError as error:
+                logger.warning("flush: %s", error)
+
+    def _count(self, model: str) -> None:
+        count = sum(1 for e in self.entries.values() if e.info.model == model)
+        self.metrics.streams.labels(model).set(count)
+
+
+@dataclass(frozen=True)
+class _Opened:
+    info: StreamInfo
+    persisted: Future[None]

@@ -1,0 +1,151 @@
+"""Test helpers: a real uvicorn server in a thread, test images, stream-state snapshots."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI
+from PIL import Image
+from safetensors.torch import load as load_tensors
+
+from adapters.engine import Engine
+from models import create_model, normalize
+from service.main import create_app
+from service.settings import Settings
+
+MODEL = "cifar10_resnet20"
+
+
+def server_settings(data_dir: Path, cache_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a test server: local store in ``data_dir``, seeded weights cache, fast."""
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "data_dir": data_dir,
+        "model_cache_dir": cache_dir,
+        "store": "local",
+        "max_delay_ms": 2.0,
+        "slots_per_pool": 16,
+        "max_streams": 64,
+        "flush_interval_s": 60.0,
+        "log_level": "warning",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class Server:
+    """A running uvicorn server and its app."""
+
+    url: str
+    app: FastAPI
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        """An HTTP client for this server."""
+        return httpx.Client(base_url=self.url, timeout=30.0, **kwargs)
+
+
+@contextlib.contextmanager
+def running_server(settings: Settings) -> Iterator[Server]:
+    """Serve ``create_app(settings)`` with uvicorn on 127.0.0.1 (a free port) in a thread."""
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on", workers=1
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield Server(f"http://127.0.0.1:{port}", app, server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+# --- images ---------------------------------------------------------------------------------
+
+
+def png(array: np.ndarray) -> bytes:
+    """An image array as PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def random_pixels(count: int, seed: int, size: int = 32) -> np.ndarray:
+    """``count`` random RGB images [count, size, size, 3] uint8."""
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def png_with_declared_size(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` (a decompression bomb's header)."""
+    data = bytearray(png(random_pixels(1, 0, 8)[0]))
+    # IHDR: 8-byte signature, 4-byte length, b"IHDR", width, height, ...; CRC over type + data.
+    struct.pack_into(">II", data, 16, width, height)
+    crc = zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF
+    struct.pack_into(">I", data, 29, crc)
+    return bytes(data)
+
+
+# --- engine reference and states ------------------------------------------------------------
+
+
+def reference_engine(cache_dir: Path, **kwargs: Any) -> Engine:
+    """An engine of the test model built directly, as the server builds its own."""
+    model, spec = create_model(MODEL, cache_dir=cache_dir)
+    return Engine(
+        model,
+        name=spec.name,
+        num_classes=spec.num_classes,
+        device="cpu",
+        capacity=kwargs.pop("capacity", 16),
+        **kwargs,
+    )
+
+
+def normalized(pixels: np.ndarray) -> torch.Tensor:
+    """HWC uint8 images as the model's normalised float batch."""
+    from models import get_spec
+
+    batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    return normalize(batch, get_spec(MODEL))
+
+
+def tensors(state: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of an exported state."""
+    return load_tensors(state)
+
+
+def snapshot(client: httpx.Client) -> dict[str, bytes]:
+    """Every stream's exported state, by id."""
+    ids = []
+    offset = 0
+    while True:
+        page = client.get("/v1/streams", params={"offset": offset, "limit": 1000}).json()
+        ids += [stream["id"] for stream in page["data"]]
+        offset += len(page["data"])
+        if offset >= page["count"] or not page["data"]:
+            break
+    return {sid: client.get(f"/v1/streams/{sid}/state").content for sid in ids}

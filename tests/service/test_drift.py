@@ -1,0 +1,36 @@
+"""The batched drift summaries equal the engine's per-stream drift reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters import ADAPTERS
+from service.drift import drift_summaries
+from tests.service.helpers import normalized, random_pixels, reference_engine
+
+
+def test_summaries_equal_the_engine_reports(model_cache: Path) -> None:
+    engine = reference_engine(model_cache)
+    handles = [engine.open_stream(name, None, seed=7) for name in sorted(ADAPTERS)]
+    handles += [engine.open_stream("adabn", None, seed=1)]  # stays fresh: nothing observed
+    adapted = handles[:-1]
+    for step in range(2):
+        pixels = random_pixels(3 * len(adapted), step)
+        engine.forward(normalized(pixels), [(h, 3) for h in adapted])
+    summaries = drift_summaries(engine, handles)
+    for handle, summary in zip(handles, summaries, strict=True):
+        report = engine.drift(handle)
+        assert summary["images"] == report["images"]
+        assert summary["overall"] == pytest.approx(report["overall"], rel=1e-9, abs=1e-12)
+        for key in ("entropy", "confidence"):
+            if report[key] is None:
+                assert summary[key] is None
+            else:
+                assert summary[key] == pytest.approx(report[key], rel=1e-9)
+    assert summaries[-1]["images"] == 0 and summaries[-1]["overall"]["jeffreys"] == 0.0
+    assert summaries[0]["overall"]["jeffreys"] > 0
+    assert drift_summaries(engine, []) == []
+    assert torch.is_inference_mode_enabled() is False

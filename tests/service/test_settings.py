@@ -1,0 +1,56 @@
+"""Settings from arguments, the environment (TTA_*) and a TOML or JSON config file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from service.settings import Settings
+
+
+def test_defaults_serve_the_embedded_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TTA_CONFIG_FILE", raising=False)
+    settings = Settings()
+    assert settings.models == ["cifar10_resnet20"]
+    assert settings.store == "local" and settings.device == "cpu"
+
+
+def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TTA_PORT", "9001")
+    monkeypatch.setenv("TTA_MODELS", '["cifar10_resnet20", "cifar10_resnet32"]')
+    monkeypatch.setenv("TTA_DURABILITY", "sync")
+    settings = Settings()
+    assert settings.port == 9001
+    assert settings.models == ["cifar10_resnet20", "cifar10_resnet32"]
+    assert settings.durability == "sync"
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    path = tmp_path / f"tta{suffix}"
+    if suffix == ".toml":
+        path.write_text('store = "redis"\nmax_batch_size = 64\nmodels = ["cifar10_resnet32"]\n')
+    else:
+        path.write_text(json.dumps({"store": "redis", "max_batch_size": 64,
+                                    "models": ["cifar10_resnet32"]}))  # fmt: skip
+    monkeypatch.setenv("TTA_CONFIG_FILE", str(path))
+    monkeypatch.setenv("TTA_MAX_BATCH_SIZE", "32")  # the environment wins over the file
+    settings = Settings()
+    assert settings.store == "redis"
+    assert settings.models == ["cifar10_resnet32"]
+    assert settings.max_batch_size == 32
+
+
+def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TTA_STORE", "s3")
+    with pytest.raises(pydantic.ValidationError):
+        Settings()
+
+
+def test_missing_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TTA_CONFIG_FILE", str(tmp_path / "absent.toml"))
+    with pytest.raises(FileNotFoundError, match=r"absent\.toml: no such file"):
+        Settings()

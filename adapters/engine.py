@@ -192,6 +192,11 @@ class Engine:
         slot = pool.allocate(config, seed)
         return StreamHandle(spec.name, config, seed, key, slot)
 
+    def pool_key(self, adapter: str, config: BaseModel | dict | None = None) -> PoolKey:
+        """The pool a stream of this adapter and config lives in (its state's structure)."""
+        spec = get_adapter(adapter)
+        return _pool_key(spec, _validate(spec, config))
+
     def close_stream(self, stream: StreamHandle) -> None:
         """Free the stream's slot."""
         self.pools[stream.pool].release(stream.slot)

@@ -342,7 +342,7 @@ class StreamSlots:
         """A slot for the stream, evicting LRU streams (never a pinned one) to make room."""
         while len(self.resident) >= self.max_streams:
             self._evict_lru(pinned, None)
-        key = pool_key(info.adapter, info.config)
+        key = self.engine.pool_key(info.adapter, info.config)
         while True:
             try:
                 return self.engine.open_stream(info.adapter, info.config, seed)
@@ -362,13 +362,6 @@ class StreamSlots:
 
     def _count(self) -> None:
         self.metrics.streams_active.labels(self.model).set(len(self.resident))
-
-
-def pool_key(adapter: str, config: dict[str, Any]) -> PoolKey:
-    """The engine pool a stream of this adapter and config lives in (the engine's formula)."""
-    spec = get_adapter(adapter)
-    validated = spec.config.model_validate(config)
-    return spec.name, tuple((name, getattr(validated, name)) for name in spec.structural)
 
 
 # --- registry (event loop) -------------------------------------------------------------------

@@ -144,11 +144,7 @@ def decode_tensor(
     max_images: int,
 ) -> ImageBatch:
     """A raw little-endian tensor (uint8 pixels or normalised float32) as the input batch."""
-    torch_dtype = DTYPES.get(dtype.lower())
-    if torch_dtype is None:
-        raise InvalidTensorError(
-            f"unsupported tensor dtype {dtype!r}: expected one of {', '.join(DTYPES)}"
-        )
+    torch_dtype = tensor_dtype(dtype)
     full = check_shape(shape, spec, max_images)
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     expected = math.prod(full) * itemsize
@@ -161,15 +157,21 @@ def decode_tensor(
     return finite_batch(tensor)
 
 
-def tensor_from_list(
-    values: list, shape: Sequence[int], dtype: str, spec: ModelSpec, *, max_images: int
-) -> ImageBatch:
-    """A tensor given as (flat or nested) JSON numbers, as the input batch."""
+def tensor_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of an API dtype name (``uint8`` or ``float32``), or InvalidTensorError."""
     torch_dtype = DTYPES.get(dtype.lower())
     if torch_dtype is None:
         raise InvalidTensorError(
             f"unsupported tensor dtype {dtype!r}: expected one of {', '.join(DTYPES)}"
         )
+    return torch_dtype
+
+
+def tensor_from_list(
+    values: list, shape: Sequence[int], dtype: str, spec: ModelSpec, *, max_images: int
+) -> ImageBatch:
+    """A tensor given as (flat or nested) JSON numbers, as the input batch."""
+    torch_dtype = tensor_dtype(dtype)
     full = check_shape(shape, spec, max_images)
     try:
         tensor = torch.tensor(values, dtype=torch.float64).flatten()

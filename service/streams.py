@@ -17,6 +17,7 @@ reads see the writes it has not finished yet, so an evicted stream is never relo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -81,16 +82,7 @@ class StreamInfo:
 
     def record(self, state: bytes) -> StreamRecord:
         """The store record of this stream with ``state``."""
-        return StreamRecord(
-            id=self.id,
-            model=self.model,
-            adapter=self.adapter,
-            config=self.config,
-            seed=self.seed,
-            created_at=self.created_at,
-            ttl_seconds=self.ttl_seconds,
-            state=state,
-        )
+        return StreamRecord(**dataclasses.asdict(self), state=state)
 
     @classmethod
     def of(cls, record: StreamRecord) -> StreamInfo:

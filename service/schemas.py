@@ -18,9 +18,12 @@ class StreamCreate(BaseModel):
         default=None, description=f"stream id ({STREAM_ID.pattern}); generated when absent"
     )
     model: str | None = Field(default=None, description="served model (default: the first served)")
-    adapter: str = Field(default="adabn", description="adapter name (see GET /v1/adapters)")
+    adapter: str | None = Field(
+        default=None, description="adapter name (see GET /v1/adapters; default: the server's)"
+    )
     config: dict[str, Any] | None = Field(
-        default=None, description="adapter config (its JSON schema)"
+        default=None,
+        description="adapter config (its JSON schema); without an adapter, the server's default",
     )
     ttl_seconds: float | None = Field(
         default=None, gt=0, description="delete the stream after this long idle (default: server's)"

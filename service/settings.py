@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -20,6 +20,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from adapters import get_adapter
 
 CONFIG_FILE_ENV = "TTA_CONFIG_FILE"
 
@@ -52,6 +54,12 @@ class Settings(BaseSettings):
     )
 
     # --- state ---
+    default_adapter: str = Field(
+        default="adabn", description="adapter of a stream created without one (docs/accuracy.md)"
+    )
+    default_adapter_config: dict[str, Any] = Field(
+        default_factory=dict, description="config of the default adapter when none is given"
+    )
     data_dir: Path = Field(default=Path("./data"), description="root of the local state store")
     store: Literal["local", "redis", "memory"] = Field(
         default="local", description="state store kind"
@@ -101,6 +109,13 @@ class Settings(BaseSettings):
         if len(set(models)) != len(models):
             raise ValueError("models must not repeat")
         return models
+
+    @model_validator(mode="after")
+    def _default_adapter_is_valid(self) -> Settings:
+        """An unknown default adapter or an invalid default config fails at start-up."""
+        adapter = get_adapter(self.default_adapter)
+        adapter.config.model_validate(self.default_adapter_config)
+        return self
 
     @classmethod
     def settings_customise_sources(

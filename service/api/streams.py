@@ -87,7 +87,11 @@ async def create_stream(
 ) -> StreamPublic:
     """Create a stream with a fresh state (persisted before the response)."""
     model = body.model or settings.models[0]
-    entry = await registry.create(body.id, model, body.adapter, body.config, body.ttl_seconds)
+    adapter, config = body.adapter, body.config
+    if adapter is None:
+        adapter = settings.default_adapter
+        config = settings.default_adapter_config if config is None else config
+    entry = await registry.create(body.id, model, adapter, config, body.ttl_seconds)
     return stream_public(entry)
 
 

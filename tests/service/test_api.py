@@ -245,3 +245,16 @@ def test_unknown_route_has_error_body(client: httpx.Client) -> None:
     response = client.get("/v1/nothing")
     assert response.status_code == 404
     assert response.json() == {"error": {"code": "not_found", "message": "Not Found"}}
+
+
+def test_stream_without_adapter_gets_the_server_default(tmp_path: Path, model_cache: Path) -> None:
+    settings = server_settings(
+        tmp_path, model_cache, default_adapter="adabn", default_adapter_config={"window": 500}
+    )
+    with running_server(settings) as server, server.client() as http:
+        created = http.post("/v1/streams", json={"id": "defaulted"})
+        assert created.status_code == 201, created.text
+        assert created.json()["adapter"] == "adabn"
+        assert created.json()["config"]["window"] == 500
+        explicit = http.post("/v1/streams", json={"id": "explicit", "adapter": "tbn"})
+        assert explicit.json()["adapter"] == "tbn"

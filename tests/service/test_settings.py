@@ -54,3 +54,15 @@ def test_missing_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("TTA_CONFIG_FILE", str(tmp_path / "absent.toml"))
     with pytest.raises(FileNotFoundError, match=r"absent\.toml: no such file"):
         Settings()
+
+
+def test_default_adapter_is_validated_at_start_up() -> None:
+    from pydantic import ValidationError
+
+    from adapters import UnknownAdapterError
+
+    assert Settings(default_adapter="momentum", default_adapter_config={"beta": 0.2})
+    with pytest.raises(UnknownAdapterError, match="Unknown adapter 'tent'"):
+        Settings(default_adapter="tent")
+    with pytest.raises(ValidationError, match="alpha"):
+        Settings(default_adapter="alpha_bn", default_adapter_config={"alpha": 2})

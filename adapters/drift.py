@@ -85,19 +85,51 @@ def gaussian_distances(mu_t: Tensor, var_t: Tensor, source: SourceStats) -> dict
 SUMMARY_MEASURES = ("jeffreys", "w2n", "hellinger")
 
 
-def drift_report(layers: Sequence[State], head: State, sources: Sequence[SourceStats]) -> dict:
-    """One stream's drift: per-layer channel means, early/late/overall summaries, predictions.
+def layer_measures(layers: Sequence[State], sources: Sequence[SourceStats]) -> Tensor:
+    """Channel means of the summary measures: [streams, layers, measures], 0 before any image.
 
-    ``layers`` and ``head`` hold one stream's observer rows (no slot dimension).
+    ``layers`` hold the observer rows of the streams (a leading stream dimension).
     """
-    per_layer: dict[str, list[float]] = {name: [] for name in SUMMARY_MEASURES}
-    images = float(head["head.n"])
+    per_layer = []
     for state, source in zip(layers, sources, strict=True):
         n = state["obs.n"]
-        var = state["obs.m2"] / n.clamp(min=1)
+        var = state["obs.m2"] / n.clamp(min=1)[:, None]
         distances = gaussian_distances(state["obs.mean"], var, source)
-        for name in SUMMARY_MEASURES:
-            per_layer[name].append(float(distances[name].mean()) if n > 0 else 0.0)
+        measures = torch.stack([distances[name].mean(-1) for name in SUMMARY_MEASURES], -1)
+        per_layer.append(torch.where((n > 0)[:, None], measures, torch.zeros_like(measures)))
+    return torch.stack(per_layer, 1)
+
+
+def drift_summaries(
+    layers: Sequence[State], head: State, sources: Sequence[SourceStats]
+) -> list[dict]:
+    """Short drift summaries of several streams at once (one transfer to the host).
+
+    ``overall`` measures averaged over layers, windowed image count, mean entropy, confidence.
+    """
+    overall = layer_measures(layers, sources).mean(1)
+    sums = torch.stack([head[k] for k in ("head.n", "head.entropy", "head.confidence")], -1)
+    rows = torch.cat([overall, sums.to(overall.dtype)], -1).cpu().tolist()
+    count = len(SUMMARY_MEASURES)
+    return [
+        {
+            "images": row[count],
+            "overall": dict(zip(SUMMARY_MEASURES, row[:count], strict=True)),
+            "entropy": row[count + 1] / row[count] if row[count] else None,
+            "confidence": row[count + 2] / row[count] if row[count] else None,
+        }
+        for row in rows
+    ]
+
+
+def drift_report(layers: Sequence[State], head: State, sources: Sequence[SourceStats]) -> dict:
+    """One stream's full drift report: per-layer channel means, early/late/overall, predictions.
+
+    ``layers`` and ``head`` hold one stream's observer rows (a stream dimension of 1).
+    """
+    measures = layer_measures(layers, sources)[0].T.tolist()  # [measures][layers]
+    per_layer = dict(zip(SUMMARY_MEASURES, measures, strict=True))
+    images = float(head["head.n"][0])
     count = max(1, round(len(sources) * EARLY_LATE_FRACTION))
     return {
         "images": images,
@@ -105,9 +137,9 @@ def drift_report(layers: Sequence[State], head: State, sources: Sequence[SourceS
         "early": {name: _mean(values[:count]) for name, values in per_layer.items()},
         "late": {name: _mean(values[-count:]) for name, values in per_layer.items()},
         "overall": {name: _mean(values) for name, values in per_layer.items()},
-        "entropy": float(head["head.entropy"]) / images if images else None,
-        "confidence": float(head["head.confidence"]) / images if images else None,
-        "class_frequencies": (head["head.classes"] / images).tolist() if images else None,
+        "entropy": float(head["head.entropy"][0]) / images if images else None,
+        "confidence": float(head["head.confidence"][0]) / images if images else None,
+        "class_frequencies": (head["head.classes"][0] / images).tolist() if images else None,
     }
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from adapters import get_adapter
 from adapters.base import Adapter, Moments, State, StateMismatchError, segment_sum
-from adapters.drift import drift_report, observe, observe_head
+from adapters.drift import drift_report, drift_summaries, observe, observe_head
 from adapters.norm import ACTIVE_BATCH, StreamNorm2d, convert_batchnorm, instance_moments
 from adapters.pool import StatePool
 from adapters.state_io import check_metadata, check_state, export_state, read_state
@@ -210,11 +210,26 @@ class Engine:
         return self.pools[stream.pool]
 
     def drift(self, stream: StreamHandle) -> dict:
-        """The stream's drift report (ALGORITHMS.md section 10)."""
-        pool = self.pools[stream.pool]
-        layers = [{k: v[stream.slot] for k, v in state.items()} for state in pool.layers]
-        head = {k: v[stream.slot] for k, v in pool.head.items()}
+        """The stream's full drift report (ALGORITHMS.md section 10)."""
+        layers, head, _ = self._rows([stream])
         return drift_report(layers, head, self.sources)
+
+    def drift_summaries(self, streams: Sequence[StreamHandle]) -> list[dict]:
+        """Short drift summaries of several streams, in order, with one transfer per pool."""
+        summaries: dict[int, dict] = {}
+        by_pool: dict[PoolKey, list[int]] = {}
+        for index, stream in enumerate(streams):
+            by_pool.setdefault(stream.pool, []).append(index)
+        for members in by_pool.values():
+            layers, head, _ = self._rows([streams[i] for i in members])
+            rows = drift_summaries(layers, head, self.sources)
+            summaries.update(zip(members, rows, strict=True))
+        return [summaries[i] for i in range(len(streams))]
+
+    def _rows(self, streams: Sequence[StreamHandle]):
+        """Copies of the state rows of streams that share one pool."""
+        pool = self.pools[streams[0].pool]
+        return pool.gather(self._to_device([s.slot for s in streams], torch.int64))
 
     def export_stream(self, stream: StreamHandle) -> bytes:
         """The stream's whole state as safetensors bytes with JSON metadata."""

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from service.drift import drift_summaries
 from service.errors import (
     CapacityError,
     DeadlineExceededError,
@@ -312,7 +311,7 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
     top = _top_k(logits, k)
     source_top = _top_k(source_logits, k) if source_logits is not None else None
     logits_cpu = logits.cpu()
-    drifts = iter(drift_summaries(engine, [res.handle for _, r, res in ready if r.drift]))
+    drifts = iter(engine.drift_summaries([res.handle for _, r, res in ready if r.drift]))
     source_offset = 0
     for start, (index, request, resident) in zip(_starts(ready), ready, strict=True):
         stop = start + request.count

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from adapters import ADAPTERS
-from service.drift import drift_summaries
 from tests.service.helpers import normalized, random_pixels, reference_engine
 
 
@@ -20,7 +19,7 @@ def test_summaries_equal_the_engine_reports(model_cache: Path) -> None:
     for step in range(2):
         pixels = random_pixels(3 * len(adapted), step)
         engine.forward(normalized(pixels), [(h, 3) for h in adapted])
-    summaries = drift_summaries(engine, handles)
+    summaries = engine.drift_summaries(handles)
     for handle, summary in zip(handles, summaries, strict=True):
         report = engine.drift(handle)
         assert summary["images"] == report["images"]
@@ -32,5 +31,5 @@ def test_summaries_equal_the_engine_reports(model_cache: Path) -> None:
                 assert summary[key] == pytest.approx(report[key], rel=1e-9)
     assert summaries[-1]["images"] == 0 and summaries[-1]["overall"]["jeffreys"] == 0.0
     assert summaries[0]["overall"]["jeffreys"] > 0
-    assert drift_summaries(engine, []) == []
+    assert engine.drift_summaries([]) == []
     assert torch.is_inference_mode_enabled() is False

@@ -12,9 +12,11 @@ Deviations (named):
   second moments (shifted by the source mean, against cancellation), so
   mean = w mu_s + (1 - w) mu_T is the paper's EMA mean and var = w var_s + (1 - w) var_T counts the
   spread between batch means, which an EMA of batch variances drops (all of it at N = 1).
-- Batch size: time runs in reference batches of ``batch_ref`` images. A batch of B images
-  advances t by B / batch_ref with momentum 1 - (1 - eta_t)^(B / batch_ref); B = batch_ref is
-  exactly the paper's step.
+- Batch size (ALGORITHMS.md 6.1): time runs in reference batches of ``batch_ref`` images. Each
+  image advances t by 1 / batch_ref with momentum 1 - (1 - eta_t)^(1 / batch_ref), eta_t decaying
+  image by image, so a batch of B images moves the source weight exactly as B single images do
+  (the batch's statistics enter with the batch's total weight). With batch_ref = 1 and one
+  image per call this is the paper's schedule step for step.
 - ``eta_min`` (extension, default 0): a floor on the momentum for continual streams.
 The paper's optional affine-parameter losses (sections 6.2-6.4) need backprop: out of scope.
 """
@@ -46,18 +48,32 @@ def init_state(source: SourceStats, config: MomentumConfig, generator: torch.Gen
 
 
 def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> State:
-    """One (possibly fractional) step of the decaying-momentum EMA."""
-    steps = moments.images / hp["batch_ref"]
-    eta_t = torch.maximum(hp["eta0"] * torch.exp(-hp["beta"] * state["step"]), hp["eta_min"])
-    keep = (1 - eta_t) ** steps
+    """Fold each stream's batch in with the momentum of its images' decaying schedule."""
+    keep = _keep(state["step"], moments.images, hp, moments.sample_mean.shape[0])
     shifted = moments.mean - source.mean.double()
     keep_c = keep[:, None]
     return {
-        "step": state["step"] + steps,
+        "step": state["step"] + moments.images / hp["batch_ref"],
         "w": keep * state["w"],
         "s1": keep_c * state["s1"] + (1 - keep_c) * shifted,
         "s2": keep_c * state["s2"] + (1 - keep_c) * (moments.var + shifted.square()),
     }
+
+
+def _keep(step: Tensor, images: Tensor, hp: HParams, longest: int) -> Tensor:
+    """prod over a stream's B images of (1 - eta(t + j / batch_ref))^(1 / batch_ref), [S].
+
+    ``longest`` bounds every B (the group's row count), so the product is one masked sum of
+    logs over a [S, longest] grid: no loop over images or streams.
+    """
+    j = torch.arange(longest, dtype=torch.float64, device=step.device)
+    batch_ref = hp["batch_ref"][:, None]
+    t = step[:, None] + j / batch_ref
+    eta = torch.maximum(
+        hp["eta0"][:, None] * torch.exp(-hp["beta"][:, None] * t), hp["eta_min"][:, None]
+    )
+    log_keep = torch.where(j < images[:, None], torch.log1p(-eta) / batch_ref, 0.0)
+    return torch.exp(log_keep.sum(1))
 
 
 def norm_stats(

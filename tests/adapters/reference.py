@@ -80,9 +80,12 @@ class ReferenceNorm(nn.Module):
     def _momentum(self, x: Tensor) -> Tensor:
         eta0 = self.config.get("eta0", 0.1)
         beta = self.config.get("beta", 0.08)
-        steps = x.shape[0] / self.config.get("batch_ref", 6.0)
-        eta = 1 - (1 - eta0 * math.exp(-beta * self.step)) ** steps
-        self.step += steps
+        batch_ref = self.config.get("batch_ref", 6.0)
+        keep = 1.0
+        for _ in range(x.shape[0]):  # the schedule decays image by image
+            keep *= (1 - eta0 * math.exp(-beta * self.step)) ** (1 / batch_ref)
+            self.step += 1 / batch_ref
+        eta = 1 - keep
         self.batches = [(weight * (1 - eta), p) for weight, p in self.batches]
         self.batches.append((eta, _pixels(x)))
         self.w *= 1 - eta

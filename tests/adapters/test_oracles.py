@@ -244,25 +244,46 @@ def test_unmix_k1_initial_state_is_the_source_exactly() -> None:
 
 
 def test_momentum_source_weight_after_50_steps() -> None:
-    """prod_{t=0..49} (1 - 0.1 exp(-0.08 t)) = 0.2692: t counted from 0."""
+    """prod_{t=0..49} (1 - 0.1 exp(-0.08 t)) = 0.2692: t counted from 0, one image per step."""
     engine = layer_engine()
-    stream = engine.open_stream("momentum", {"batch_ref": 2.0})
+    stream = engine.open_stream("momentum", {"batch_ref": 1.0})
     for seed in range(50):
-        engine.forward(layer_input(2, seed), [(stream, 2)])
+        engine.forward(layer_input(1, seed), [(stream, 1)])
     expected = math.prod(1 - 0.1 * math.exp(-0.08 * t) for t in range(50))
     assert expected == pytest.approx(0.2692, abs=1e-4)
     assert float(layer_state(engine, stream, "w")) == pytest.approx(expected, rel=1e-12)
     assert float(layer_state(engine, stream, "step")) == 50
 
 
-def test_momentum_mean_is_the_papers_ema() -> None:
+@pytest.mark.parametrize("batch_ref", [1.0, 6.0, 64.0])
+def test_momentum_schedule_does_not_depend_on_batching(batch_ref: float) -> None:
+    """64 images as one batch, as 8 batches of 8 or one by one: the same source weight and step."""
     engine = layer_engine()
-    stream = engine.open_stream("momentum", {"batch_ref": 3.0})
+    config = {"batch_ref": batch_ref}
+    x = layer_input(64, 0)
+    streams = []
+    for size in (64, 8, 1):
+        stream = engine.open_stream("momentum", config)
+        for start in range(0, 64, size):
+            engine.forward(x[start : start + size], [(stream, size)])
+        streams.append(stream)
+    weights = [float(layer_state(engine, s, "w")) for s in streams]
+    assert weights == pytest.approx([weights[0]] * 3, rel=1e-12)
+    expected = math.prod(
+        (1 - 0.1 * math.exp(-0.08 * i / batch_ref)) ** (1 / batch_ref) for i in range(64)
+    )
+    assert weights[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_momentum_mean_is_the_papers_ema() -> None:
+    """One image per step (batch_ref = 1): the mean is the paper's EMA of the step means."""
+    engine = layer_engine()
+    stream = engine.open_stream("momentum", {"batch_ref": 1.0})
     source = engine.sources[0]
     ema = source.mean.double().clone()
     for t in range(6):
-        x = layer_input(3, t, shift=float(t))
-        engine.forward(x, [(stream, 3)])
+        x = layer_input(1, t, shift=float(t))
+        engine.forward(x, [(stream, 1)])
         eta = 0.1 * math.exp(-0.08 * t)
         ema = (1 - eta) * ema + eta * x.double().mean((0, 2, 3))
     state = engine.pool_of(stream).layers[0]

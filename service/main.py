@@ -84,6 +84,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             capacity=settings.slots_per_pool,
             observer_window=settings.observer_window,
             amp=settings.amp,
+            cuda_graphs=settings.cuda_graphs,
             writer=writer,
             max_streams=settings.max_streams,
             metrics=metrics,

@@ -97,6 +97,7 @@ def load_runtime(
     capacity: int,
     observer_window: int,
     amp: bool,
+    cuda_graphs: bool = False,
     writer: StoreWriter,
     max_streams: int,
     metrics: Metrics,
@@ -114,6 +115,7 @@ def load_runtime(
         capacity=capacity,
         observer_window=observer_window,
         autocast_dtype=autocast,
+        cuda_graphs=cuda_graphs,
     )
     metrics.model_info.labels(
         spec.name,

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
         default="cpu", description="where models and states live; auto: cuda if available"
     )
     amp: bool = Field(default=False, description="autocast the forward to bf16/fp16 on CUDA")
+    cuda_graphs: bool = Field(
+        default=False,
+        description="replay each batch layout as a CUDA graph (not yet validated on a GPU)",
+    )
     model_cache_dir: Path = Field(
         default=Path("~/.cache/tta-serve/models"), description="weights cache (seed it offline)"
     )

@@ -102,7 +102,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # Not torch's advice to retry with weights_only=False: that is how pickles run code.
+        # Not torch's advice to retry without the weights-only loader: that is how pickles run code.
         raise ModelError(
             f"weights file {path} holds more than tensors (or is not a torch file); refused, "
             "as loading it would need a full unpickler, which can run arbitrary code"

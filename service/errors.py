@@ -9,6 +9,7 @@ unknown route, 405) are reshaped to the same body.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any, cast
@@ -201,20 +202,38 @@ _HTTP_CODES = {
 }
 
 
+OIP_PREFIX = "/v2"
+
+
+def for_route(request: Request, response: JSONResponse) -> JSONResponse:
+    """The error shape the route's protocol expects.
+
+    The Open Inference Protocol's error body is ``{"error": "<message>"}`` (a string, as KServe
+    and Triton clients parse it); the v1 API keeps ``{"error": {"code", "message"}}``.
+    """
+    if not request.url.path.startswith(OIP_PREFIX):
+        return response
+    message = json.loads(bytes(response.body))["error"]["message"]
+    headers = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
+    return JSONResponse({"error": message}, status_code=response.status_code, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers that give every error the ``{"error": {...}}`` shape."""
+    """Register the handlers that give every error its protocol's shape (see ``for_route``)."""
 
     async def on_service_error(request: Request, error: Exception) -> JSONResponse:
-        return to_response(error)
+        return for_route(request, to_response(error))
 
     async def on_validation(request: Request, error: Exception) -> JSONResponse:
         errors = cast(RequestValidationError, error).errors()
-        return error_response(422, "invalid_request", describe_validation(list(errors)))
+        message = describe_validation(list(errors))
+        return for_route(request, error_response(422, "invalid_request", message))
 
     async def on_http(request: Request, error: Exception) -> JSONResponse:
         http = cast(StarletteHTTPException, error)
         code = _HTTP_CODES.get(http.status_code, "http_error")
-        return error_response(http.status_code, code, str(http.detail), http.headers)
+        response = error_response(http.status_code, code, str(http.detail), http.headers)
+        return for_route(request, response)
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

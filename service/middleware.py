@@ -6,9 +6,10 @@ import time
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.errors import error_response, for_route
 from service.metrics import Metrics
 
 
@@ -35,7 +36,7 @@ class BodyLimitMiddleware:
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             response = error_response(413, "payload_too_large", self._message())
-            await response(scope, receive, send)
+            await for_route(Request(scope), response)(scope, receive, send)
             return
         received = 0
 

@@ -25,6 +25,7 @@ in the hash field `meta` and the raw state in the field `state`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -70,8 +71,8 @@ class CorruptRecordError(StoreError):
 
 
 @dataclass(frozen=True)
-class StreamRecord:
-    """Everything persisted about one stream: its identity, settings and opaque state bytes."""
+class StreamInfo:
+    """What a stream is: everything persisted about it except its state."""
 
     id: str
     model: str
@@ -80,6 +81,22 @@ class StreamRecord:
     seed: int
     created_at: float
     ttl_seconds: float | None
+
+    def record(self, state: bytes) -> StreamRecord:
+        """The store record of this stream with ``state``."""
+        return StreamRecord(**dataclasses.asdict(self), state=state)
+
+    @classmethod
+    def of(cls, record: StreamInfo) -> StreamInfo:
+        """The info of a stored record (its config copied)."""
+        values = {f.name: getattr(record, f.name) for f in dataclasses.fields(StreamInfo)}
+        return cls(**{**values, "config": dict(record.config)})
+
+
+@dataclass(frozen=True)
+class StreamRecord(StreamInfo):
+    """Everything persisted about one stream: its identity, settings and opaque state bytes."""
+
     state: bytes
 
 

@@ -17,7 +17,6 @@ reads see the writes it has not finished yet, so an evicted stream is never relo
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import re
@@ -42,7 +41,7 @@ from service.errors import (
     StreamNotFoundError,
 )
 from service.metrics import Metrics, StreamSignal
-from service.stores import StateStore, StoreError, StreamRecord
+from service.stores import StateStore, StoreError, StreamInfo, StreamRecord
 
 if TYPE_CHECKING:
     from service.runtime import ModelRuntime
@@ -66,36 +65,6 @@ def validate_stream_id(stream_id: str) -> str:
 def new_stream_id() -> str:
     """A random stream id."""
     return "s-" + secrets.token_hex(8)
-
-
-@dataclass(frozen=True)
-class StreamInfo:
-    """What a stream is: everything persisted with its state except the state itself."""
-
-    id: str
-    model: str
-    adapter: str
-    config: dict[str, Any]
-    seed: int
-    created_at: float
-    ttl_seconds: float | None
-
-    def record(self, state: bytes) -> StreamRecord:
-        """The store record of this stream with ``state``."""
-        return StreamRecord(**dataclasses.asdict(self), state=state)
-
-    @classmethod
-    def of(cls, record: StreamRecord) -> StreamInfo:
-        """The info of a stored record."""
-        return cls(
-            record.id,
-            record.model,
-            record.adapter,
-            dict(record.config),
-            record.seed,
-            record.created_at,
-            record.ttl_seconds,
-        )
 
 
 # --- service metadata in the state file ------------------------------------------------------

@@ -509,7 +509,8 @@ def run_model(
         ("clean",),
     )
     protocol = build_protocol("iid", clean.domains, clean.labels, args.seed, args.batch)
-    table_, _ = measure(engine, normalizer, clean, protocol, MAIN_VARIANTS, args, f"{name} clean")
+    main_variants = [v for v in variants if v in MAIN_VARIANTS]
+    table_, _ = measure(engine, normalizer, clean, protocol, main_variants, args, f"{name} clean")
     results.clean = {label: float(e[0]) for label, e in table_.errors.items()}
 
     pool = load_pool(args, args.severity, device)
@@ -553,7 +554,7 @@ def run_model(
             protocol = build_protocol("iid", pool.domains, pool.labels, args.seed, args.batch)
             desc = f"{name} severity {severity}"
             results.sweep[severity], _ = measure(
-                engine, normalizer, pool, protocol, MAIN_VARIANTS, args, desc
+                engine, normalizer, pool, protocol, main_variants, args, desc
             )
         key = f"iid{args.batch}"
         if key in results.tables and args.severity in args.sweep and same_n:
@@ -786,8 +787,9 @@ def render(
 ) -> str:
     """The report section as markdown."""
     names = list(args.corruptions)
-    main = [v.label for v in MAIN_VARIANTS]
     first = next(iter(all_results.values()))
+    measured = {label for r in all_results.values() for label in r.clean}
+    main = [v.label for v in MAIN_VARIANTS if v.label in measured]
     lines = [
         f"## {args.title}",
         "",
@@ -1014,6 +1016,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="batch size of the other protocols")
     p.add_argument("--corruptions", nargs="+", choices=list(CORRUPTIONS), default=list(CORRUPTIONS))
     p.add_argument("--no-candidates", action="store_true", help="skip the default candidates")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=[v.label for v in (*MAIN_VARIANTS, *CANDIDATES)],
+        default=None,
+        metavar="LABEL",
+        help="run only these variants, by label, e.g. 'adabn(prior_images=64, window=512)' (all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
@@ -1061,6 +1071,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     variants = list(MAIN_VARIANTS) + ([] if args.no_candidates else list(CANDIDATES))
+    if args.variants is not None:
+        variants = [v for v in variants if v.label in args.variants]
     all_results: dict[str, ModelResults] = {}
 
     def save(name: str, results: ModelResults) -> None:
@@ -1086,7 +1098,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             results,
             path,
             f"{name}, severity {args.severity}, {args.n}/corruption",
-            [v.label for v in MAIN_VARIANTS],
+            [v.label for v in MAIN_VARIANTS if v.label in results.clean],
         )
         plot_paths[name] = path
     body = render(all_results, args, device, runtime, plot_paths)

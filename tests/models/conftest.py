@@ -1,7 +1,6 @@
-"""Fixtures for the models tests: the shared read-only folder, a seeded weights cache, CIFAR-10."""
+"""Fixtures for the models tests: a fresh weights cache, CIFAR-10 test images."""
 
 import io
-import os
 import tarfile
 from pathlib import Path
 
@@ -11,16 +10,6 @@ from PIL import Image
 from models.spec import CIFAR10_LABELS
 
 IMAGES_PER_CLASS = 50  # 500 test images, balanced over the 10 classes
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The shared folder beside the repository (or $TTA_SHARED_DIR); the tests fail without it."""
-    default = Path(__file__).resolve().parents[2].parent / "shared"
-    path = Path(os.environ.get("TTA_SHARED_DIR", default))
-    if not (path / "models").is_dir():
-        pytest.fail(f"shared folder with pretrained weights not found at {path}")
-    return path
 
 
 @pytest.fixture

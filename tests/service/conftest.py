@@ -1,8 +1,7 @@
-"""Fixtures of the service tests: the shared folder, a seeded weights cache, CIFAR-10 JPEGs."""
+"""Fixtures of the service tests: a few real CIFAR-10 JPEGs."""
 
 from __future__ import annotations
 
-import os
 import tarfile
 from pathlib import Path
 
@@ -12,30 +11,11 @@ IMAGES_PER_CLASS = 4
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The shared folder beside the repository (or $TTA_SHARED_DIR)."""
-    default = Path(__file__).resolve().parents[2].parent / "shared"
-    path = Path(os.environ.get("TTA_SHARED_DIR", default)).resolve()
-    if not (path / "models").is_dir():
-        pytest.skip(f"shared folder with pretrained weights not found at {path}")
-    return path
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
-    """A weights cache seeded by symlinks to shared/models (never copied into the repo)."""
-    cache = tmp_path_factory.mktemp("weights")
-    for file in (shared_dir / "models").glob("*.th"):
-        (cache / file.name).symlink_to(file)
-    return cache
-
-
-@pytest.fixture(scope="session")
 def cifar_jpegs(shared_dir: Path) -> list[tuple[bytes, str]]:
     """A few real CIFAR-10 test JPEGs per class, (file bytes, class name), read from the archive."""
     archive = shared_dir / "data" / "cifar10" / "cifar10-test-jpeg.tar.gz"
     if not archive.is_file():
-        pytest.skip(f"CIFAR-10 JPEG archive not found at {archive}")
+        pytest.fail(f"CIFAR-10 JPEG archive not found at {archive}")
     found: dict[str, list[bytes]] = {}
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:

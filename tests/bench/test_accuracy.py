@@ -24,6 +24,8 @@ from bench.accuracy import (
     error_rates,
     longest_runs,
     majority_share,
+    parse_args,
+    render,
     run_protocol,
     score_candidates,
     stream_config,
@@ -260,6 +262,22 @@ def test_variant_labels_are_unique() -> None:
 
 
 # --------------------------------------------------------------------------------------- report
+
+
+def test_a_run_of_some_variants_reports_only_those() -> None:
+    args = parse_args(["--variants", "source", "tbn", "--corruptions", "fog", "--n", "10"])
+    assert args.variants == ["source", "tbn"]
+    results = _results(dirichlet={"source": 60.0, "tbn": 85.0})
+    results.clean = {"source": 20.0, "tbn": 26.0}
+    body = render({"cifar10_resnet20": results}, args, torch.device("cpu"), 60.0, {})
+    assert "| tbn | 85.0 |" in body and "| source | 60.0 |" in body
+    rows = {line.split(" | ")[0] for line in body.splitlines() if line.startswith("| ")}
+    assert not rows & {"| alpha_bn", "| unmix_tns", "| momentum", "| adabn"}
+
+
+def test_unknown_variant_labels_are_refused() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--variants", "adabn(prior_images=3)"])
 
 
 def test_write_section_replaces_only_its_block(tmp_path: Path) -> None:

@@ -778,6 +778,19 @@ def _short(name: str) -> str:
     }.get(name, name)  # fmt: skip
 
 
+def _exceptions(args: argparse.Namespace) -> list[str]:
+    """The protocols of this run that used another number of images per corruption."""
+    out = []
+    if "single" in args.protocols and args.single_n not in (None, args.n):
+        out.append(f"N=1: {args.single_n} per corruption (one call per image is slow)")
+    if "dirichlet" in args.protocols and args.dirichlet_n not in (None, args.n):
+        out.append(
+            f"Dirichlet: {args.dirichlet_n} per corruption (its label runs grow with the "
+            "stream's length; 10,000 gives ~95 % single-class batches of 64)"
+        )
+    return out
+
+
 def render(
     all_results: dict[str, ModelResults],
     args: argparse.Namespace,
@@ -797,11 +810,9 @@ def render(
         f"Machine: {first.machine}; torch {torch.__version__}; runtime {runtime / 60:.1f} min.  ",
         f"Data: generated CIFAR-10-C (`bench.corruptions`, seed 0) from the JPEG test set, the "
         f"first {args.n} images of each of the {len(names)} corruptions at severity "
-        f"{args.severity} ({args.n * len(names)} images per protocol), except N=1: "
-        f"{args.single_n or args.n} per corruption (one call per image is slow), and Dirichlet: "
-        f"{args.dirichlet_n or args.n} per corruption (its label runs grow with the stream's "
-        f"length; 10,000 gives ~95 % single-class batches of 64). Seed {args.seed} for every "
-        "ordering.  ",
+        f"{args.severity} ({args.n * len(names)} images per protocol)"
+        + "".join(f", except {e}" for e in _exceptions(args))
+        + f". Seed {args.seed} for every ordering.  ",
         "Error % (lower is better); `mean` is over the corruptions. Adapters with their papers' "
         "defaults unless a config is shown.",
     ]

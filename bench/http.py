@@ -2,6 +2,7 @@
 
     uv run python -m bench.http                      # starts its own server on a free port
     uv run python -m bench.http --url http://127.0.0.1:8000
+    uv run python -m bench.http --client httpx --images 1 --clients 16 128 --adapters adabn
 
 Every client owns one stream and posts raw uint8 tensors of 1 or 64 images back to back for a
 fixed time; the sweep reports throughput (images/s) and p50/p95/p99 latency per concurrency
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -24,7 +26,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -78,55 +82,96 @@ def local_server(device: str) -> Iterator[str]:
                 process.kill()
 
 
-async def sweep_level(
-    url: str, adapter: str, clients: int, images: int, seconds: float, payload: bytes
-) -> tuple[float, list[float]]:
-    """Images/s and the request latencies of ``clients`` concurrent streams for ``seconds``.
+class LoadClient:
+    """One HTTP connection pool for a level's clients: aiohttp (the default) or httpx.
 
-    The clients use aiohttp: httpx's AsyncClient spends ~12 ms of CPU per request at 128 open
-    connections (2 ms at 16), so on a small machine it, not the server, set the throughput of
-    the single-image levels (docs/performance.md).
+    httpx's AsyncClient costs far more CPU per request with many connections open (the table's
+    client-CPU column; docs/performance.md), so it is kept only to show that difference.
     """
-    connector = aiohttp.TCPConnector(limit=clients)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+
+    def __init__(self, kind: str, url: str, connections: int) -> None:
+        self.kind = kind
+        if kind == "aiohttp":
+            self._aiohttp = aiohttp.ClientSession(
+                url,
+                connector=aiohttp.TCPConnector(limit=connections),
+                timeout=aiohttp.ClientTimeout(total=120),
+            )
+        elif kind == "httpx":
+            limits = httpx.Limits(
+                max_connections=connections, max_keepalive_connections=connections
+            )
+            self._httpx = httpx.AsyncClient(base_url=url, timeout=120, limits=limits)
+        else:
+            raise ValueError(f"unknown client {kind!r}; valid: aiohttp, httpx")
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> bytes:
+        """The response body of a request that must succeed (json=, content=, params=, ...)."""
+        if self.kind == "httpx":
+            reply = await self._httpx.request(method, path, **kwargs)
+            reply.raise_for_status()
+            return reply.content
+        if "content" in kwargs:
+            kwargs["data"] = kwargs.pop("content")
+        async with self._aiohttp.request(method, path, raise_for_status=True, **kwargs) as r:
+            return await r.read()
+
+    async def close(self) -> None:
+        await (self._httpx.aclose() if self.kind == "httpx" else self._aiohttp.close())
+
+
+@dataclass
+class Level:
+    """What one concurrency level measured."""
+
+    images_per_s: float
+    latencies: list[float]  # seconds, one per timed request
+    client_cpu_ms: float  # CPU time of the load clients per request (this process)
+
+
+async def sweep_level(
+    url: str,
+    adapter: str,
+    clients: int,
+    images: int,
+    seconds: float,
+    payload: bytes,
+    client_kind: str = "aiohttp",
+) -> Level:
+    """``clients`` concurrent streams posting ``payload`` back to back for ``seconds``."""
+    client = LoadClient(client_kind, url, clients)
+    try:
         ids = []
         for _ in range(clients):
             body = {"model": MODEL, "adapter": adapter}
-            async with session.post("/v1/streams", json=body, raise_for_status=True) as reply:
-                ids.append((await reply.json())["id"])
+            ids.append(json.loads(await client.request("POST", "/v1/streams", json=body))["id"])
         latencies: list[float] = []
-        done = 0
         params = {"shape": f"{images},3,32,32", "dtype": "uint8", "top_k": "1"}
         headers = {"content-type": "application/octet-stream"}
 
         async def predict(stream_id: str) -> None:
-            async with session.post(
-                f"/v1/streams/{stream_id}/predict",
-                data=payload,
-                params=params,
-                headers=headers,
-                raise_for_status=True,
-            ) as reply:
-                await reply.read()
+            path = f"/v1/streams/{stream_id}/predict"
+            await client.request("POST", path, content=payload, params=params, headers=headers)
 
         async def one_client(stream_id: str, stop: float) -> None:
-            nonlocal done
             while time.perf_counter() < stop:
                 start = time.perf_counter()
                 await predict(stream_id)
                 latencies.append(time.perf_counter() - start)
-                done += images
 
         # Warm-up (one request per client), then the timed window.
         await asyncio.gather(*(predict(i) for i in ids))
+        cpu = time.process_time()
         begin = time.perf_counter()
         await asyncio.gather(*(one_client(i, begin + seconds) for i in ids))
         elapsed = time.perf_counter() - begin
+        cpu = time.process_time() - cpu
         for stream_id in ids:
-            async with session.delete(f"/v1/streams/{stream_id}", raise_for_status=True):
-                pass
-    return done / elapsed, latencies
+            await client.request("DELETE", f"/v1/streams/{stream_id}")
+    finally:
+        await client.close()
+    requests = max(1, len(latencies))
+    return Level(len(latencies) * images / elapsed, latencies, cpu / requests * 1e3)
 
 
 def engine_throughput(adapter: str, images: int, device: str, seconds: float) -> float:
@@ -160,6 +205,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64, 128])
     parser.add_argument("--images", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--seconds", type=float, default=5.0, help="timed window per level")
+    parser.add_argument("--adapters", nargs="+", default=["adabn", "source"])
+    parser.add_argument(
+        "--client",
+        choices=["aiohttp", "httpx"],
+        default="aiohttp",
+        help="HTTP client of the load (httpx: to show its cost; its own report section)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -170,43 +222,61 @@ def main() -> None:
     engine = {
         (adapter, images): engine_throughput(adapter, images, args.device, args.seconds)
         for images in args.images
-        for adapter in ("adabn", "source")
+        for adapter in args.adapters
     }
     rows, ratios = [], {}
     with contextlib.ExitStack() as stack:
         url = args.url or stack.enter_context(local_server(args.device))
         for images in args.images:
             payload = rng.integers(0, 256, (images, 3, 32, 32), dtype=np.uint8).tobytes()
-            for adapter in ("adabn", "source"):
+            for adapter in args.adapters:
                 best = 0.0
                 for clients in args.clients:
-                    rate, latencies = asyncio.run(
-                        sweep_level(url, adapter, clients, images, args.seconds, payload)
+                    level = asyncio.run(
+                        sweep_level(
+                            url, adapter, clients, images, args.seconds, payload, args.client
+                        )
                     )
-                    best = max(best, rate)
+                    best = max(best, level.images_per_s)
                     log.info(
-                        "%s images=%d clients=%d: %.0f images/s", adapter, images, clients, rate
+                        "%s images=%d clients=%d: %.0f images/s",
+                        adapter,
+                        images,
+                        clients,
+                        level.images_per_s,
                     )
                     rows.append(
                         (
                             adapter,
                             images,
                             clients,
-                            f"{rate:.0f}",
-                            *(f"{percentile(latencies, q) * 1e3:.1f}" for q in (50, 95, 99)),
+                            f"{level.images_per_s:.0f}",
+                            *(f"{percentile(level.latencies, q) * 1e3:.1f}" for q in (50, 95, 99)),
+                            f"{level.client_cpu_ms:.2f}",
                         )
                     )
                 ratios[(adapter, images)] = (best, engine[(adapter, images)])
 
     where = machine(args.device)
     lines = [
-        f"## HTTP load, {MODEL} on {args.device.upper()}",
+        f"## HTTP load, {MODEL} on {args.device.upper()}"
+        + ("" if args.client == "aiohttp" else f", {args.client} load clients"),
         "",
         f"Machine: {where}; client, server and engine on the same machine. "
-        f"Command: `{command_line()}`. {args.seconds:g} s per level, one stream per client.",
+        f"Command: `{command_line()}`. {args.seconds:g} s per level, one stream per client; "
+        f"{args.client} load clients, whose CPU time per request is the last column.",
         "",
         table(
-            ["adapter", "images/request", "clients", "images/s", "p50 ms", "p95 ms", "p99 ms"],
+            [
+                "adapter",
+                "images/request",
+                "clients",
+                "images/s",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "client CPU ms/request",
+            ],
             rows,
         ),
         "",
@@ -225,7 +295,9 @@ def main() -> None:
             "",
             f"Target (64-image requests, server >= 0.8x engine): {verdict} ({worst:.2f}).",
         ]
-    write_section(args.out, f"bench.http:{torch.device(args.device).type}", "\n".join(lines))
+    key = f"bench.http:{torch.device(args.device).type}"
+    key += "" if args.client == "aiohttp" else f":{args.client}"
+    write_section(args.out, key, "\n".join(lines))
     log.info("\n".join(lines))
 
 

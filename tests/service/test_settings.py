@@ -16,6 +16,11 @@ def test_defaults_serve_the_embedded_default(monkeypatch: pytest.MonkeyPatch) ->
     settings = Settings()
     assert settings.models == ["cifar10_resnet20"]
     assert settings.store == "local" and settings.device == "cpu"
+    # docs/accuracy.md: a prior and no window; a window loses to source on label-correlated streams
+    assert (settings.default_adapter, settings.default_adapter_config) == (
+        "adabn",
+        {"prior_images": 64},
+    )
 
 
 def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,10 +5,11 @@
     uv run python -m bench.http --client httpx --images 1 --clients 16 128 --adapters adabn
 
 Every client owns one stream and posts raw uint8 tensors of 1 or 64 images back to back for a
-fixed time; the sweep reports throughput (images/s) and p50/p95/p99 latency per concurrency
-level, for an adapted stream (adabn) and for ``source`` in the same run. The engine's own
-throughput for the same batches is measured in-process in the same run, so that the ratio
-server / engine shows what the HTTP edge and the scheduler cost. Loopback only; every level
+fixed time; the sweep reports throughput (images/s), p50/p95/p99 latency and the load clients'
+own CPU time per request (on a small machine they share the cores with the server) per
+concurrency level, for an adapted stream (adabn) and for ``source`` in the same run. The
+engine's own throughput for the same batches is measured in-process in the same run, so that the
+ratio server / engine shows what the HTTP edge and the scheduler cost. Loopback only; every level
 stops by itself after ``--seconds``.
 """
 

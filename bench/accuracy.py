@@ -357,8 +357,11 @@ def run_protocol_server(
     with tqdm(total=total, desc=desc, unit="req", leave=False) as bar:
         for v in variants:
             for s, batches in enumerate(protocol.streams):
-                body = {"model": model, "adapter": v.adapter}
-                body["config"] = stream_config(v, protocol.seeds[s])
+                body = {
+                    "model": model,
+                    "adapter": v.adapter,
+                    "config": stream_config(v, protocol.seeds[s]),
+                }
                 response = client.post("/v1/streams", json=body)
                 response.raise_for_status()
                 stream_id = response.json()["id"]
@@ -721,8 +724,8 @@ def recommend(results: ModelResults, candidates: list[Candidate], batch: int = 6
                 f"mean over the protocols of the safe candidates ({fmt(pick.overall)})."
             )
         else:
-            pick = min(candidates, key=lambda c: c.worst[1]) if candidates else None
-            if pick is not None:
+            if candidates:
+                pick = min(candidates, key=lambda c: c.worst[1])
                 lines.append(
                     f"- No candidate stays within 1 point of source everywhere; the safest is "
                     f"`{pick.label}` (worst: {pick.worst[0]}, {pick.worst[1]:+.1f} points)."

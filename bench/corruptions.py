@@ -222,8 +222,9 @@ def _frost_texture(rng: np.random.Generator, mean: tuple, std: tuple) -> np.ndar
         for a, ln in ((angle, length), (angle + 1, length / 2), (angle - 1, length / 2)):
             end = (x + ln * np.cos(a), y + ln * np.sin(a))
             # cv2 draws at integer coordinates; shift=4 gives 1/16-pixel precision
-            p0, p1 = (np.int32(np.array([x, y]) * 16), np.int32(np.array(end) * 16))
-            cv2.line(needles, tuple(p0.tolist()), tuple(p1.tolist()), bright, 1, cv2.LINE_AA, 4)
+            p0 = (int(x * 16), int(y * 16))  # truncation toward zero, as np.int32
+            p1 = (int(end[0] * 16), int(end[1] * 16))
+            cv2.line(needles, p0, p1, bright, 1, cv2.LINE_AA, 4)
     field = _standardise(field + 2.5 * needles)
     texture = np.asarray(mean) + np.asarray(std) * field[..., None]
     return np.clip(texture, 0, 255).astype(np.uint8)
@@ -324,7 +325,7 @@ def elastic_transform(image: np.ndarray, severity: int, rng: np.random.Generator
     h, w = x.shape[:2]
     # Affine: jitter three points around the centre by up to `jitter` pixels each.
     c, d = h // 2, min(h, w) // 3
-    anchors = np.float32([[c + d, c + d], [c + d, c - d], [c - d, c - d]])
+    anchors = np.array([[c + d, c + d], [c + d, c - d], [c - d, c - d]], dtype=np.float32)
     moved = anchors + rng.uniform(-jitter, jitter, size=anchors.shape).astype(np.float32)
     affine = cv2.getAffineTransform(anchors, moved)
     x = cv2.warpAffine(x, affine, (w, h), borderMode=cv2.BORDER_REFLECT_101)

@@ -48,15 +48,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write arrays to `path` atomically: readers (other processes too) never see a partial file."""
+def _save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write a set to `path` atomically: readers (other processes too) never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(
         dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp", delete=False
     ) as f:
         tmp = Path(f.name)
         try:
-            np.savez(f, **arrays)
+            np.savez(f, images=images, labels=labels)
         except BaseException:
             tmp.unlink()
             raise

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters import StateMismatchError, UnknownAdapterError
+from adapters import InvalidStateError, StateMismatchError, UnknownAdapterError
 from adapters.pool import PoolFullError
 from models import ModelError, UnknownModelError
 from service.stores import StoreError
@@ -149,6 +149,7 @@ class StoreUnavailableError(ServiceError):
 DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
     (UnknownModelError, 404, "model_not_found"),
     (UnknownAdapterError, 422, "unknown_adapter"),
+    (InvalidStateError, 422, "invalid_state"),
     (StateMismatchError, 422, "state_mismatch"),
     (PoolFullError, 503, "capacity_exhausted"),
     (StoreError, 503, "store_unavailable"),

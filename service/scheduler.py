@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -22,10 +23,12 @@ from typing import Any
 
 import torch
 
+from adapters import InvalidStateError
 from service.errors import (
     CapacityError,
     DeadlineExceededError,
     ForwardError,
+    InvalidTensorError,
     QueueFullError,
     UnavailableError,
 )
@@ -268,7 +271,9 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
 
     Streams are loaded into slots first (streams of this batch are never evicted for each
     other); a request whose stream cannot get a slot now is deferred, one whose stream is gone
-    fails alone. An exception of the engine's forward propagates: the whole batch failed.
+    fails alone, and so does one the engine refused (its new state would not have been finite
+    or valid: InvalidStateError, the stream unchanged). An exception of the engine's forward
+    propagates: the whole batch failed.
     """
     slots, engine = runtime.slots, runtime.engine
     pinned = frozenset(r.info.id for r in batch)
@@ -297,7 +302,8 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
         parts.append(runtime.to_device(torch.cat(inputs)))
     x = parts[0] if len(parts) == 1 else torch.cat(parts)
     segments = [(resident.handle, request.count) for _, request, resident in ready]
-    logits = engine.forward(x, segments, adapt=[request.adapt for _, request, _ in ready])
+    result = engine.forward(x, segments, adapt=[request.adapt for _, request, _ in ready])
+    logits = result.logits
     source_rows = [
         (start, request.count)
         for start, (_, request, _) in zip(_starts(ready), ready, strict=True)
@@ -311,15 +317,35 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
     top = _top_k(logits, k)
     source_top = _top_k(source_logits, k) if source_logits is not None else None
     logits_cpu = logits.cpu()
-    drifts = iter(engine.drift_summaries([res.handle for _, r, res in ready if r.drift]))
+    refusals = result.refusals()  # the forward is over: reading its flags back waits no more
+    drifts = iter(
+        engine.drift_summaries(
+            [
+                res.handle
+                for (_, r, res), no in zip(ready, refusals, strict=True)
+                if r.drift and not no
+            ]
+        )
+    )
     source_offset = 0
-    for start, (index, request, resident) in zip(_starts(ready), ready, strict=True):
+    for start, (index, request, resident), refusal in zip(
+        _starts(ready), ready, refusals, strict=True
+    ):
         stop = start + request.count
         source_predictions = None
         if source_top is not None and request.source:
             end = source_offset + request.count
             source_predictions = _slice(source_top, source_offset, end, request.top_k)
             source_offset = end
+        if refusal is not None:
+            outcomes[index] = InvalidStateError(refusal)
+            continue
+        if source_predictions is not None and not _finite(source_predictions):
+            outcomes[index] = InvalidTensorError(
+                "the unadapted model's probabilities for these inputs are not finite "
+                "(the stream's state did adapt to them); send inputs within the model's range"
+            )
+            continue
         stored = None
         if request.adapt:
             resident.samples += request.count
@@ -335,6 +361,10 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
             stored=stored,
         )
     return [o if o is not None else DEFER for o in outcomes]
+
+
+def _finite(predictions: list[TopK]) -> bool:
+    return all(math.isfinite(p) for top in predictions for p in top.probabilities)
 
 
 def _starts(ready: list) -> list[int]:

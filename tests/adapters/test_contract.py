@@ -41,7 +41,7 @@ def test_shapes_and_finite(name: str) -> None:
     engine = Engine(tiny_net(), num_classes=5)
     stream = engine.open_stream(name)
     for n in (1, 4, 9):
-        logits = engine.forward(images(n, n, shift=1.0), [(stream, n)])
+        logits = engine.forward(images(n, n, shift=1.0), [(stream, n)]).logits
         assert logits.shape == (n, 5)
         assert bool(torch.isfinite(logits).all())
 
@@ -59,8 +59,8 @@ def test_streams_are_isolated(name: str) -> None:
     c = solo.open_stream(name, seed=1)
     solo.forward(images(3, 0), [(c, 3)])
     x = images(4, 2, shift=1.0)
-    together = engine.forward(torch.cat([x, images(6, 3, shift=3.0)]), [(a, 4), (b, 6)])
-    torch.testing.assert_close(together[:4], solo.forward(x, [(c, 4)]))
+    together = engine.forward(torch.cat([x, images(6, 3, shift=3.0)]), [(a, 4), (b, 6)]).logits
+    torch.testing.assert_close(together[:4], solo.forward(x, [(c, 4)]).logits)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -69,11 +69,11 @@ def test_reset_restores_the_fresh_state(name: str) -> None:
     stream = engine.open_stream(name, seed=5)
     fresh = snapshot(engine, stream)
     x = images(6, 0, shift=1.5)
-    first = engine.forward(x, [(stream, 6)])
+    first = engine.forward(x, [(stream, 6)]).logits
     engine.forward(images(6, 1, shift=-1.0), [(stream, 6)])
     engine.reset_stream(stream)
     assert snapshot(engine, stream) == fresh
-    torch.testing.assert_close(engine.forward(x, [(stream, 6)]), first, rtol=0, atol=0)
+    torch.testing.assert_close(engine.forward(x, [(stream, 6)]).logits, first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -86,7 +86,9 @@ def test_export_import_round_trip(name: str) -> None:
     copy = other.import_stream(other.open_stream(name), data)
     assert other.export_stream(copy) == data
     x = images(3, 9, shift=0.5)
-    torch.testing.assert_close(other.forward(x, [(copy, 3)]), engine.forward(x, [(stream, 3)]))
+    torch.testing.assert_close(
+        other.forward(x, [(copy, 3)]).logits, engine.forward(x, [(stream, 3)]).logits
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -110,9 +112,9 @@ def test_adapt_false_changes_nothing(name: str) -> None:
     engine.forward(images(3, 0, shift=1.0), [(stream, 3)])
     before = snapshot(engine, stream)
     x = images(4, 1, shift=1.0)
-    first = engine.forward(x, [(stream, 4)], adapt=False)
+    first = engine.forward(x, [(stream, 4)], adapt=False).logits
     assert snapshot(engine, stream) == before
-    torch.testing.assert_close(engine.forward(x, [(stream, 4)], adapt=False), first)
+    torch.testing.assert_close(engine.forward(x, [(stream, 4)], adapt=False).logits, first)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -203,3 +205,75 @@ def test_drift_report_moves_under_shift() -> None:
     assert b["early"]["jeffreys"] > a["early"]["jeffreys"]
     assert len(b["layers"]["hellinger"]) == len(engine.layers)
     assert sum(b["class_frequencies"]) == pytest.approx(1.0)
+
+
+def poisoned(n: int, value: float) -> torch.Tensor:
+    """Finite float32 inputs so large that every statistic computed from them overflows."""
+    return torch.full((n, 3, 8, 8), value) * torch.linspace(0.5, 1.0, 8)
+
+
+@pytest.mark.parametrize("value", [3e38, 1e20])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_stream_whose_state_would_break_is_refused_alone(name: str, value: float) -> None:
+    """Huge inputs refuse their stream only: its state stays, the rest of the batch commits."""
+    engine = Engine(tiny_net(), num_classes=5)
+    bad, good = engine.open_stream(name, seed=1), engine.open_stream(name, seed=2)
+    other = engine.open_stream("adabn" if name != "adabn" else "momentum")
+    engine.forward(images(3, 0), [(bad, 3)])
+    before = snapshot(engine, bad)
+    solo = Engine(tiny_net(), num_classes=5)
+    reference = solo.open_stream(name, seed=2)
+    x, y = images(4, 1, shift=1.0), images(2, 2)
+    result = engine.forward(
+        torch.cat([x, poisoned(3, value), y]), [(good, 4), (bad, 3), (other, 2)]
+    )
+    refusals = result.refusals()
+    assert refusals[0] is None and refusals[2] is None
+    assert refusals[1] is not None
+    assert refusals[1].startswith(
+        "refused, the stream's state is unchanged: NaN or infinite values in the statistics of BN"
+    )
+    assert snapshot(engine, bad) == before
+    expected = solo.forward(x, [(reference, 4)]).logits
+    torch.testing.assert_close(result.logits[:4], expected)
+    assert snapshot(engine, good) == snapshot(solo, reference)
+    assert bool(torch.isfinite(result.logits[[0, 1, 2, 3, 7, 8]]).all())
+
+
+def test_non_finite_logits_refuse_their_stream() -> None:
+    """Finite statistics but overflowing logits: that stream's request is refused."""
+    engine = Engine(tiny_net(), num_classes=5)
+    with torch.no_grad():
+        engine.model[-1].weight.mul_(1e35)  # ~1 activations stay finite, ~1e4 ones overflow
+    bad, good = engine.open_stream("source"), engine.open_stream("source")
+    before = snapshot(engine, bad)
+    result = engine.forward(torch.cat([images(2, 0) * 1e4, images(2, 1)]), [(bad, 2), (good, 2)])
+    refusals = result.refusals()
+    assert refusals[1] is None and bool(torch.isfinite(result.logits[2:]).all())
+    assert refusals[0] is not None and "NaN or infinite values in the logits" in refusals[0]
+    assert snapshot(engine, bad) == before
+
+
+def test_a_state_outside_the_adapters_bounds_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finite but invalid new state (negative variance sums) is refused like a NaN one."""
+    import dataclasses
+
+    import adapters
+
+    adabn = adapters.ADAPTERS["adabn"]
+
+    def negative(state, moments, source, hp):
+        new = adabn.update(state, moments, source, hp)
+        return {**new, "m2": -new["m2"] - 1}
+
+    monkeypatch.setitem(adapters.ADAPTERS, "adabn", dataclasses.replace(adabn, update=negative))
+    engine = Engine(tiny_net(), num_classes=5)
+    stream = engine.open_stream("adabn")
+    before = snapshot(engine, stream)
+    (reason,) = engine.forward(images(2, 0), [(stream, 2)]).refusals()
+    assert reason is not None
+    assert (
+        "values outside the adapter's bounds (a negative count, variance or weight) in " in reason
+    )
+    assert "the statistics of BN layer 0 of 4 (1) after this batch" in reason
+    assert snapshot(engine, stream) == before

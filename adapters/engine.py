@@ -313,13 +313,14 @@ class Engine:
             held[pool.adapter.name] = held.get(pool.adapter.name, 0) + pool.nbytes
         return held
 
-    def layout(self, stream: StreamHandle) -> StateLayout:
-        """The layout of the stream's state (cached per pool key; safe from any thread)."""
-        layout = self._layouts.get(stream.pool)
+    def _layout(self, adapter: Adapter, config: BaseModel) -> StateLayout:
+        """The layout of a state of this adapter and config (cached; safe from any thread)."""
+        key = _pool_key(adapter, config)
+        layout = self._layouts.get(key)
         if layout is None:
-            spec = get_adapter(stream.adapter)
-            layout = state_layout(spec, stream.config, self.sources, self.num_classes)
-            self._layouts[stream.pool] = layout
+            layout = self._layouts[key] = state_layout(
+                adapter, config, self.sources, self.num_classes
+            )
         return layout
 
     def header_limit(self, layout: StateLayout) -> int:
@@ -362,7 +363,8 @@ class Engine:
 
     def export_stream(self, stream: StreamHandle) -> bytes:
         """The stream's whole state as safetensors bytes with JSON metadata."""
-        return export_state(self.pools[stream.pool], stream.slot, self._identity(stream))
+        identity = self._identity(stream.adapter, stream.config, stream.seed)
+        return export_state(self.pools[stream.pool], stream.slot, identity)
 
     def import_stream(self, stream: StreamHandle, data: bytes) -> StreamHandle:
         """Replace the stream's state by an exported one; StateMismatchError changes nothing.
@@ -371,17 +373,21 @@ class Engine:
         valid values (InvalidStateError otherwise). Returns the stream's handle with the
         exporter's seed, so a later reset re-creates its initial state.
         """
-        return self.load_stream(stream, self.parse_state(stream, data))
+        return self.load_stream(stream, self.parse_state(stream.adapter, stream.config, data))
 
-    def parse_state(self, stream: StreamHandle, data: bytes) -> ImportedState:
+    def parse_state(
+        self, adapter: str, config: BaseModel | dict | None, data: bytes
+    ) -> ImportedState:
         """Parse and check exported bytes for ``stream``, without touching any pool.
 
         Safe to call from any thread (the service parses off the engine thread). The header is
         bounded before it is decoded: at most :meth:`header_limit` bytes and exactly as many
         tensors as the stream's state has.
         """
-        layout = self.layout(stream)
-        identity = {k: v for k, v in self._identity(stream).items() if k != "seed"}
+        spec = get_adapter(adapter)
+        config = _validate(spec, config)
+        layout = self._layout(spec, config)
+        identity = self._identity(spec.name, config)
         tensors, metadata = read_state(
             data,
             expected=identity,
@@ -400,14 +406,14 @@ class Engine:
         self.pools[stream.pool].write(stream.slot, tensors)
         return dataclasses.replace(stream, seed=state.seed)
 
-    def _identity(self, stream: StreamHandle) -> dict:
-        return {
+    def _identity(self, adapter: str, config: BaseModel, seed: int | None = None) -> dict:
+        identity = {
             "model": self.name,
             "layers": [layer.running_mean.numel() for layer in self.layers],
-            "adapter": stream.adapter,
-            "config": stream.config.model_dump(mode="json"),
-            "seed": stream.seed,
+            "adapter": adapter,
+            "config": config.model_dump(mode="json"),
         }
+        return identity if seed is None else {**identity, "seed": seed}
 
     # --- forward -------------------------------------------------------------------------------
 

@@ -148,7 +148,7 @@ class StatePool:
         self.num_classes = num_classes
         self.budget = budget if budget is not None else MemoryBudget()
         self.layout = state_layout(adapter, template, self.sources, num_classes)
-        initial = self._affordable(min(INITIAL_SLOTS, capacity), 0)
+        initial = max(1, self._affordable(min(INITIAL_SLOTS, capacity), 0))
         self.budget.reserve(initial * self.layout.slot_bytes, f"a new {adapter.name} pool")
         self.capacity = initial
         fresh = fresh_state(adapter, template, self.sources, num_classes, torch.Generator())

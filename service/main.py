@@ -85,6 +85,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             observer_window=settings.observer_window,
             amp=settings.amp,
             cuda_graphs=settings.cuda_graphs,
+            max_state_bytes=settings.max_state_bytes,
+            max_state_header_bytes=settings.max_state_header_bytes,
             writer=writer,
             max_streams=settings.max_streams,
             metrics=metrics,

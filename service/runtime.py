@@ -98,6 +98,8 @@ def load_runtime(
     observer_window: int,
     amp: bool,
     cuda_graphs: bool = False,
+    max_state_bytes: int = 0,
+    max_state_header_bytes: int = 0,
     writer: StoreWriter,
     max_streams: int,
     metrics: Metrics,
@@ -116,7 +118,10 @@ def load_runtime(
         observer_window=observer_window,
         autocast_dtype=autocast,
         cuda_graphs=cuda_graphs,
+        max_state_bytes=max_state_bytes,
+        max_state_header_bytes=max_state_header_bytes,
     )
+    metrics.state_memory_limit.labels(spec.name).set(max_state_bytes)
     metrics.model_info.labels(
         spec.name,
         spec.architecture,

@@ -81,6 +81,18 @@ class Settings(BaseSettings):
     slots_per_pool: int = Field(
         default=256, ge=1, description="stream slots per (model, adapter) state pool"
     )
+    max_state_bytes: int = Field(
+        default=2 << 30,
+        ge=0,
+        description="bound on the memory of a model's stream states, in bytes (0: none); "
+        "beyond, new streams are refused with 507 (docs/performance.md: bytes per stream)",
+    )
+    max_state_header_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="largest header of an imported state, in bytes (0: derived from the "
+        "model's state layout)",
+    )
     max_streams: int = Field(
         default=1024, ge=1, description="streams in slots per model; beyond, LRU ones are evicted"
     )

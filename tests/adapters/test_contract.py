@@ -181,6 +181,43 @@ def test_import_refuses_non_finite_values() -> None:
     assert engine.export_stream(stream) == data
 
 
+def test_pools_grow_on_demand_and_are_freed_when_empty() -> None:
+    from adapters.pool import INITIAL_SLOTS
+
+    engine = Engine(tiny_net(), num_classes=5, capacity=16)
+    first = engine.open_stream("unmix_tns", {"components": 8})
+    pool = engine.pool_of(first)
+    slot_bytes = pool.layout.slot_bytes
+    assert pool.capacity == INITIAL_SLOTS and engine.memory.used == INITIAL_SLOTS * slot_bytes
+    x = images(2, 0)
+    engine.forward(x, [(first, 2)])
+    before = snapshot(engine, first)
+    streams = [engine.open_stream("unmix_tns", {"components": 8}) for _ in range(INITIAL_SLOTS)]
+    assert pool.capacity == 2 * INITIAL_SLOTS and engine.memory.used == pool.nbytes
+    assert snapshot(engine, first) == before  # the rows moved to the grown tensors intact
+    for stream in [first, *streams]:
+        engine.close_stream(stream)
+    assert engine.pools == {} and engine.memory.used == 0
+    assert engine.state_bytes() == {}
+
+
+def test_the_memory_budget_bounds_every_pool() -> None:
+    from adapters.pool import StateMemoryError
+
+    probe = Engine(tiny_net(), num_classes=5)
+    slot = probe.pool_of(probe.open_stream("unmix_tns", {"components": 64})).layout.slot_bytes
+    engine = Engine(tiny_net(), num_classes=5, capacity=16, max_state_bytes=6 * slot)
+    streams = [engine.open_stream("unmix_tns", {"components": 64}) for _ in range(6)]
+    assert engine.memory.used == 6 * slot  # 4, then grown by what fits: 2
+    with pytest.raises(StateMemoryError, match=r"\(max_state_bytes\) are in use"):
+        engine.open_stream("unmix_tns", {"components": 64})
+    with pytest.raises(StateMemoryError, match="a new unmix_tns pool needs"):
+        engine.open_stream("unmix_tns", {"components": 63})
+    engine.close_stream(streams[0])
+    engine.open_stream("unmix_tns", {"components": 64})  # a free slot needs no memory
+    assert engine.memory.used == 6 * slot
+
+
 def test_pool_capacity_is_enforced() -> None:
     from adapters.pool import PoolFullError
 

@@ -101,7 +101,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     restored = await asyncio.to_thread(registry.restore)
     logger.info("restored %d streams from the %s store", restored, settings.store)
     for runtime in state.runtimes.values():
-        runtime.batcher = Batcher(
+        batcher = Batcher(
             runtime,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000,
@@ -109,7 +109,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             sync=settings.durability == "sync",
             metrics=metrics,
         )
-        runtime.batcher.start()
+        batcher.start()
+        runtime.batcher = batcher
     metrics.track_top_streams(registry.signals, settings.metrics_top_k)
     tasks = [
         asyncio.create_task(_every(settings.flush_interval_s, registry.flush), name="flush"),

@@ -24,10 +24,10 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from adapters import ADAPTERS, StateMismatchError, get_adapter
 from adapters.engine import Engine, PoolKey, StreamHandle
@@ -44,10 +44,9 @@ from service.errors import (
 from service.metrics import Metrics, StreamSignal
 from service.stores import StateStore, StoreError, StreamInfo, StreamRecord
 
-if TYPE_CHECKING:
-    from service.runtime import ModelRuntime
-
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SERVICE_METADATA_KEY = "tta-serve.service"
@@ -405,6 +404,30 @@ class StreamSlots:
 # --- registry (event loop) -------------------------------------------------------------------
 
 
+class ModelThread(Protocol):
+    """What the registry needs of a served model: ``service.runtime.ModelRuntime``.
+
+    A protocol, so that this module does not import the runtime, which is built on it.
+    """
+
+    @property
+    def engine(self) -> Engine:
+        """The model's engine (only its thread-safe parts are used off its thread)."""
+        ...
+
+    @property
+    def slots(self) -> StreamSlots:
+        """The model's slots (engine thread only)."""
+        ...
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model's engine thread."""
+        ...
+
+
+R = TypeVar("R", bound=ModelThread)
+
+
 @dataclass(eq=False)
 class StreamEntry:
     """A registered stream as the event loop sees it."""
@@ -415,7 +438,7 @@ class StreamEntry:
     signal: StreamSignal | None = None
 
 
-class StreamRegistry:
+class StreamRegistry(Generic[R]):
     """Every registered stream of the app, across its models; used on the event loop only.
 
     Args:
@@ -428,7 +451,7 @@ class StreamRegistry:
 
     def __init__(
         self,
-        runtimes: dict[str, ModelRuntime],
+        runtimes: Mapping[str, R],
         writer: StoreWriter,
         *,
         sync: bool,
@@ -447,7 +470,7 @@ class StreamRegistry:
 
     # --- lookup ---
 
-    def runtime(self, model: str) -> ModelRuntime:
+    def runtime(self, model: str) -> R:
         """The runtime of a served model; ModelNotServedError otherwise."""
         try:
             return self.runtimes[model]

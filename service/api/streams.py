@@ -25,7 +25,8 @@ from service.errors import (
 )
 from service.imaging import ImageBatch, decode_images, decode_tensor, parse_shape
 from service.metrics import StreamSignal
-from service.scheduler import PredictRequest, PredictResult, TopK
+from service.predictions import PredictRequest, PredictResult, TopK
+from service.runtime import ModelRuntime
 from service.schemas import (
     Base64Images,
     ClassScore,
@@ -232,7 +233,7 @@ async def predict(
 
 
 async def run_prediction(
-    registry: StreamRegistry,
+    registry: StreamRegistry[ModelRuntime],
     entry: StreamEntry,
     images: ImageBatch,
     settings: Settings,

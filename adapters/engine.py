@@ -71,7 +71,6 @@ class ImportedState:
 
     tensors: dict[str, Tensor]  # on the host
     seed: int
-    metadata: dict
 
 
 @dataclass(frozen=True)
@@ -95,8 +94,7 @@ class ForwardResult:
         forward.
         """
         reasons: list[str | None] = [None] * len(self.order)
-        flagged = self.problems.any(1).any(1)
-        if not bool(flagged.any()):
+        if not bool(self.problems.any()):
             return reasons
         for row, segment in zip(self.problems.cpu(), self.order, strict=True):
             reasons[segment] = _reason(row, self.parts)
@@ -378,7 +376,7 @@ class Engine:
     def parse_state(
         self, adapter: str, config: BaseModel | dict | None, data: bytes
     ) -> ImportedState:
-        """Parse and check exported bytes for ``stream``, without touching any pool.
+        """Parse and check exported bytes for a stream of this adapter and config; no pool used.
 
         Safe to call from any thread (the service parses off the engine thread). The header is
         bounded before it is decoded: at most :meth:`header_limit` bytes and exactly as many
@@ -398,7 +396,7 @@ class Engine:
         seed = metadata.get("seed")
         if type(seed) is not int or not 0 <= seed <= MAX_SEED:
             raise StateMismatchError(f"state metadata has no valid seed (0 to {MAX_SEED})")
-        return ImportedState(tensors, seed, metadata)
+        return ImportedState(tensors, seed)
 
     def load_stream(self, stream: StreamHandle, state: ImportedState) -> StreamHandle:
         """Write a parsed state into the stream's slot; its handle with the exporter's seed."""

@@ -79,7 +79,10 @@ class Settings(BaseSettings):
     )
     flush_interval_s: float = Field(default=5.0, gt=0, description="period of the interval flush")
     slots_per_pool: int = Field(
-        default=256, ge=1, description="stream slots per (model, adapter) state pool"
+        default=256,
+        ge=1,
+        description="most stream slots of one (model, adapter, state structure) pool; a pool "
+        "starts with 4 and doubles on demand",
     )
     max_state_bytes: int = Field(
         default=2 << 30,

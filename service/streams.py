@@ -664,8 +664,14 @@ class StreamRegistry(Generic[R]):
 
         def apply(slots: StreamSlots) -> tuple[Resident, StreamRecord | None, Future[None] | None]:
             before = self._newest(slots, entry.info) if self.sync else None
+            claimed = entry.info.id not in slots.resident
             resident = slots.claim(entry.info)
-            change(slots, resident)
+            try:
+                change(slots, resident)
+            except BaseException:
+                if claimed:  # its fresh slot must not stand for the stored state
+                    slots.close(entry.info.id)
+                raise
             return resident, before, self._changed(slots, resident)
 
         resident, before, future = await runtime.call(apply, runtime.slots)

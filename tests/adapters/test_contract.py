@@ -314,3 +314,39 @@ def test_a_state_outside_the_adapters_bounds_is_refused(monkeypatch: pytest.Monk
     )
     assert "the statistics of BN layer 0 of 4 (1) after this batch" in reason
     assert snapshot(engine, stream) == before
+
+
+def test_import_bounds_the_header_and_checks_the_metadata_first() -> None:
+    import json
+
+    from safetensors.torch import load, save
+
+    from adapters.state_io import METADATA_KEY, _header
+
+    engine = Engine(tiny_net(), name="tiny", num_classes=5)
+    stream = engine.open_stream("adabn")
+    data = engine.export_stream(stream)
+    metadata = json.loads(_header(data)["__metadata__"][METADATA_KEY])
+    expected = len(load(data))
+
+    def with_metadata(tensors: dict, **changes: object) -> bytes:
+        return save(tensors, metadata={METADATA_KEY: json.dumps({**metadata, **changes})})
+
+    many = {f"t{i}": torch.zeros(1) for i in range(expected + 1)}
+    huge = {f"t{i}": torch.zeros(1) for i in range(20_000)}
+    cases = [
+        (with_metadata(huge), "the state's header is "),
+        (
+            with_metadata(many),
+            f"holds {expected + 1} tensors, a state of this stream has {expected}",
+        ),
+        (with_metadata(many, adapter="momentum"), "state is for adapter='momentum'"),
+        (with_metadata(load(data), seed=True), "no valid seed"),
+        (with_metadata(load(data), seed=2**64), "no valid seed"),
+        (with_metadata(load(data), seed=-1), "no valid seed"),
+    ]
+    for payload, message in cases:
+        with pytest.raises(StateMismatchError, match=message):
+            engine.import_stream(stream, payload)
+        assert engine.export_stream(stream) == data
+    engine.import_stream(stream, with_metadata(load(data), seed=2**63 - 1))

@@ -91,16 +91,19 @@ def edited(state: bytes, edit: Callable[[dict[str, torch.Tensor]], None], **serv
 
 
 def test_the_engine_refuses_a_poisoned_stream_alone(tmp_path: Path, model_cache: Path) -> None:
-    settings = server_settings(tmp_path, model_cache, max_delay_ms=200.0)
+    """In one forward with another stream: the victim fails with 422, the other one commits."""
+    # A batch closes when it holds 4 images (or after 10 s): the two 2-image requests share one.
+    settings = server_settings(tmp_path, model_cache, max_delay_ms=10_000.0, max_batch_size=4)
     with running_server(settings) as server, server.client() as client:
         for sid in ("victim", "bystander"):
             assert (
                 client.post("/v1/streams", json={"id": sid, "adapter": "adabn"}).status_code == 201
             )
-        assert post_pixels(client, "victim", random_pixels(3, 0)).status_code == 200
+        assert post_pixels(client, "victim", random_pixels(4, 0)).status_code == 200
         before = state_of(client, "victim")
+        batches = metric(client, "tta_batch_requests_count", model=MODEL)
         poison_white_images(server)
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # one batch, most likely
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
             bad = pool.submit(post_pixels, server.client(), "victim", WHITE)
             good = pool.submit(post_pixels, server.client(), "bystander", random_pixels(2, 1))
             bad_response, good_response = bad.result(), good.result()
@@ -113,10 +116,11 @@ def test_the_engine_refuses_a_poisoned_stream_alone(tmp_path: Path, model_cache:
         )
         assert good_response.status_code == 200, good_response.text
         assert_finite_probabilities(good_response.json())
+        assert metric(client, "tta_batch_requests_count", model=MODEL) == batches + 1
         assert state_of(client, "victim") == before
-        assert client.get("/v1/streams/victim").json()["samples"] == 3
-        healthy = post_pixels(client, "victim", random_pixels(2, 2))
-        assert healthy.status_code == 200 and healthy.json()["samples"] == 5
+        assert client.get("/v1/streams/victim").json()["samples"] == 4
+        healthy = post_pixels(client, "victim", random_pixels(4, 2))
+        assert healthy.status_code == 200 and healthy.json()["samples"] == 8
         assert_finite_probabilities(healthy.json())
 
 

@@ -191,7 +191,8 @@ class Engine:
         name: the model's name, recorded in exported states.
         num_classes: size of the logits, for the prediction observer.
         device: where the model and every stream state live.
-        capacity: slots per pool (streams per adapter and state structure).
+        capacity: the most slots of a pool (streams per adapter and state structure); a pool
+            starts with 4 and doubles on demand.
         observer_window: images the drift observer remembers per stream.
         autocast_dtype: run the convolutions under autocast (statistics stay fp32/fp64).
         max_state_bytes: bound on the memory of every stream state together (0: none); a

@@ -118,6 +118,21 @@ def test_the_engine_refuses_a_poisoned_stream_alone(tmp_path: Path, model_cache:
         assert_finite_probabilities(good_response.json())
         assert metric(client, "tta_batch_requests_count", model=MODEL) == batches + 1
         assert state_of(client, "victim") == before
+        body = {
+            "parameters": {"stream_id": "victim"},
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [4, 3, 32, 32],
+                    "datatype": "UINT8",
+                    "data": [255] * (4 * 3 * 32 * 32),
+                }
+            ],
+        }
+        response = client.post(f"/v2/models/{MODEL}/infer", json=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"].startswith("refused, the stream's state is unchanged")
+        assert state_of(client, "victim") == before
         assert client.get("/v1/streams/victim").json()["samples"] == 4
         healthy = post_pixels(client, "victim", random_pixels(4, 2))
         assert healthy.status_code == 200 and healthy.json()["samples"] == 8

@@ -57,7 +57,8 @@ class ClassScore(BaseModel):
 
     label: str
     index: int
-    probability: float
+    # NaN/inf fail loudly here: pydantic would otherwise write them as JSON null.
+    probability: float = Field(allow_inf_nan=False)
 
 
 class ImagePrediction(BaseModel):
@@ -65,7 +66,7 @@ class ImagePrediction(BaseModel):
 
     label: str
     index: int
-    probability: float
+    probability: float = Field(allow_inf_nan=False)
     top_k: list[ClassScore]
 
 

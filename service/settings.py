@@ -102,9 +102,24 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 << 20, ge=1024, description="largest request body")
     max_image_bytes: int = Field(default=8 << 20, ge=64, description="largest encoded image")
     max_image_pixels: int = Field(
-        default=16_000_000, ge=1, description="largest image (width x height), checked first"
+        default=16_000_000,
+        ge=1,
+        description=(
+            "largest image (width x height) for any model, checked on the header before "
+            "decoding; each model also has its own limit (ModelSpec.pixel_limit: 256 x the area "
+            "it resizes to, at least 2048 x 2048), and the smaller of the two applies"
+        ),
     )
     max_images_per_request: int = Field(default=256, ge=1, description="images in one request")
+    input_range_margin: float = Field(
+        default=4.0,
+        ge=1.0,
+        allow_inf_nan=False,
+        description=(
+            "float32 inputs must lie in the model's normalised pixel range [0, 1] widened this "
+            "many times about its centre (4: pixels in [-1.5, 2.5]); beyond it, 422"
+        ),
+    )
 
     # --- metrics ---
     metrics_top_k: int = Field(

@@ -33,6 +33,7 @@ from service.errors import (
 )
 from service.imaging import ImageBatch, decode_tensor, tensor_from_list
 from service.runtime import ModelRuntime
+from service.settings import Settings
 
 router = APIRouter(tags=["open inference protocol"])
 
@@ -157,7 +158,7 @@ async def infer(
     adapt = infer_request.parameters.get("adapt", True)
     if not isinstance(adapt, bool):
         raise InvalidInputError("parameters.adapt must be true or false")
-    images = _input_batch(infer_request, binary, runtime, state.settings.max_images_per_request)
+    images = _input_batch(infer_request, binary, runtime, state.settings)
     state.metrics.stage_latency.labels(model, "decode").observe(time.perf_counter() - started)
     result = await run_prediction(
         registry, entry, images, state.settings, adapt=adapt, top_k=1, drift=False
@@ -186,9 +187,10 @@ def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]
 
 
 def _input_batch(
-    request: InferRequest, binary: bytes, runtime: ModelRuntime, max_images: int
+    request: InferRequest, binary: bytes, runtime: ModelRuntime, settings: Settings
 ) -> ImageBatch:
     """The single input tensor as the model's batch."""
+    max_images, margin = settings.max_images_per_request, settings.input_range_margin
     if len(request.inputs) != 1:
         raise InvalidInputError(
             f"expected exactly one input tensor [N, 3, H, W], got {len(request.inputs)}"
@@ -207,12 +209,16 @@ def _input_batch(
             raise InvalidInputError(
                 f"binary_data_size {size!r} does not match the {len(binary)} bytes of binary data"
             )
-        return decode_tensor(binary, tensor.shape, dtype, runtime.spec, max_images=max_images)
+        return decode_tensor(
+            binary, tensor.shape, dtype, runtime.spec, max_images=max_images, margin=margin
+        )
     if binary:
         raise InvalidInputError("binary data follows the JSON header but no input claims it")
     if tensor.data is None:
         raise InvalidInputError(f"input {tensor.name!r} has neither data nor binary_data_size")
-    return tensor_from_list(tensor.data, tensor.shape, dtype, runtime.spec, max_images=max_images)
+    return tensor_from_list(
+        tensor.data, tensor.shape, dtype, runtime.spec, max_images=max_images, margin=margin
+    )
 
 
 Outputs = dict[str, tuple[str, torch.Tensor | list[str]]]

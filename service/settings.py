@@ -73,6 +73,16 @@ class Settings(BaseSettings):
         default="local", description="state store kind"
     )
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis store URL")
+    store_connect_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description=(
+            "at start-up, how long to retry a state store that does not answer (exponential "
+            "backoff, 0.1 s to 5 s) while /v2/health/live is 200 and /v2/health/ready 503; "
+            "then the server exits with status 1 (0: exit at once)"
+        ),
+    )
     durability: Literal["sync", "interval"] = Field(
         default="interval",
         description="sync: persist before each predict response; interval: periodically",

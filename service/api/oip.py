@@ -78,15 +78,20 @@ async def server_metadata() -> dict[str, Any]:
 
 
 @router.get("/v2/health/live")
-async def live() -> dict[str, bool]:
-    """The process is up."""
-    return {"live": True}
+async def live(state: AppStateDep) -> JSONResponse:
+    """200 while the process is up, also while it starts; 503 once its start-up has failed."""
+    is_live = state.start_error is None
+    return JSONResponse({"live": is_live}, status_code=200 if is_live else 503)
 
 
 @router.get("/v2/health/ready")
 async def ready(state: AppStateDep) -> JSONResponse:
-    """200 once every model is loaded and streams are restored; 503 before and at shutdown."""
+    """200 once every model is loaded and streams are restored, while the state store answers
+    (a ping at most once a second); 503 before, while the store is unreachable, and at shutdown.
+    """
     is_ready = state.ready and not state.shutting_down
+    if is_ready and state.store_health is not None:
+        is_ready = await state.store_health.reachable()
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 

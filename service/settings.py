@@ -27,7 +27,16 @@ CONFIG_FILE_ENV = "TTA_CONFIG_FILE"
 
 
 class Settings(BaseSettings):
-    """Everything the server can be configured with (env prefix ``TTA_``)."""
+    """Everything the server can be configured with (env prefix ``TTA_``).
+
+    Durability: with ``durability="interval"`` (the default) a stream's new state is written
+    to the store every ``flush_interval_s`` seconds and at a clean shutdown, so a crash (kill -9,
+    OOM kill, power loss) loses the updates acknowledged since the last flush: up to one flush
+    interval of adapted images per stream (docs/reliability.md measures it). The predictions
+    already sent stay valid; the stream resumes from its last flushed state. With
+    ``durability="sync"`` every predict response waits until its new state is stored, so no
+    acknowledged update is lost, at the cost of one store write per request.
+    """
 
     model_config = SettingsConfigDict(env_prefix="TTA_", extra="forbid")
 
@@ -85,7 +94,11 @@ class Settings(BaseSettings):
     )
     durability: Literal["sync", "interval"] = Field(
         default="interval",
-        description="sync: persist before each predict response; interval: periodically",
+        description=(
+            "sync: persist before each predict response (a crash loses no acknowledged "
+            "update); interval: every flush_interval_s and at shutdown (a crash loses the "
+            "updates acknowledged since the last flush, up to one interval of them)"
+        ),
     )
     flush_interval_s: float = Field(default=5.0, gt=0, description="period of the interval flush")
     slots_per_pool: int = Field(

@@ -695,6 +695,7 @@ def soak_section(result: SoakResult, settings: str) -> str:
             )
         )
     mib = [b / 2**20 for _, b in result.rss]
+    trajectory = ", ".join(f"{mib[round(q * (len(mib) - 1))]:.0f}" for q in (0, 0.25, 0.5, 0.75, 1))
     total = sum(result.answers.values())
     return "\n".join(
         [
@@ -709,7 +710,8 @@ def soak_section(result: SoakResult, settings: str) -> str:
             f"(a 2xx or 5xx, shown as 1000 + status): {result.count(lambda s: s >= 1000)}; "
             f"no answer: {result.count(lambda s: s == 0)}. Server RSS: {mib[0]:.0f} MiB at the "
             f"start (after loading the model), {mib[-1]:.0f} MiB at the end, {max(mib):.0f} MiB "
-            f"at most ({len(mib)} readings).",
+            f"at most; at 0, 25, 50, 75 and 100 % of the run: {trajectory} MiB "
+            f"({len(mib)} readings).",
         ]
     )
 

@@ -110,6 +110,15 @@ class ModelPublic(BaseModel):
     input_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    input_min: tuple[float, float, float] = Field(
+        description="per channel, the smallest float32 input value accepted (input_range_margin)"
+    )
+    input_max: tuple[float, float, float] = Field(
+        description="per channel, the largest float32 input value accepted"
+    )
+    max_image_pixels: int = Field(
+        description="largest encoded image (width x height) accepted, checked before decoding"
+    )
     labels: list[str]
     device: str
     ready: bool

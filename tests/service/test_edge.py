@@ -150,6 +150,13 @@ def test_out_of_range_floats_are_refused(server: Server, route: str, value: floa
         assert all_finite(probabilities(client, "cam-a"))
 
 
+def test_models_list_their_input_limits(server: Server) -> None:
+    with server.client() as client:
+        (model,) = client.get("/v1/models").json()["data"]
+    assert model["input_min"] == pytest.approx(LOWS) and model["input_max"] == pytest.approx(HIGHS)
+    assert model["max_image_pixels"] == 2048 * 2048
+
+
 @pytest.mark.parametrize("route", ROUTES)
 def test_floats_at_the_range_edges_are_accepted(server: Server, route: str) -> None:
     """Values at the edges of the input range are valid inputs."""

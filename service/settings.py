@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from adapters import get_adapter
+from models import ModelSpec
 
 CONFIG_FILE_ENV = "TTA_CONFIG_FILE"
 
@@ -133,6 +134,13 @@ class Settings(BaseSettings):
             "it resizes to, at least 2048 x 2048), and the smaller of the two applies"
         ),
     )
+    model_max_image_pixels: dict[str, PositiveInt] = Field(
+        default_factory=dict,
+        description=(
+            "per model name, its own pixel limit instead of ModelSpec.pixel_limit "
+            "(max_image_pixels still caps it)"
+        ),
+    )
     max_images_per_request: int = Field(default=256, ge=1, description="images in one request")
     input_range_margin: float = Field(
         default=4.0,
@@ -148,6 +156,11 @@ class Settings(BaseSettings):
     metrics_top_k: int = Field(
         default=10, ge=0, description="streams with per-stream drift gauges (top-K by drift)"
     )
+
+    def pixel_limit(self, spec: ModelSpec) -> int:
+        """The largest image (width x height) accepted for the model of ``spec``."""
+        own = self.model_max_image_pixels.get(spec.name, spec.pixel_limit)
+        return min(self.max_image_pixels, own)
 
     @field_validator("models")
     @classmethod

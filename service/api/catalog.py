@@ -33,7 +33,7 @@ async def list_served_models(state: AppStateDep) -> ModelsPublic:
                 std=spec.std,
                 input_min=(lows[0], lows[1], lows[2]),
                 input_max=(highs[0], highs[1], highs[2]),
-                max_image_pixels=min(state.settings.max_image_pixels, spec.pixel_limit),
+                max_image_pixels=state.settings.pixel_limit(spec),
                 labels=list(spec.labels),
                 device=str(runtime.device),
                 ready=state.ready,

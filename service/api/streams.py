@@ -369,7 +369,7 @@ async def read_images(
         files,
         spec,
         max_bytes=settings.max_image_bytes,
-        max_pixels=min(settings.max_image_pixels, spec.pixel_limit),
+        max_pixels=settings.pixel_limit(spec),
     )
 
 

@@ -278,6 +278,29 @@ def test_pixel_limit_is_the_models(server: Server) -> None:
         assert snapshot(client) == before
 
 
+def test_pixel_limit_per_model_setting(tmp_path: Path, model_cache: Path) -> None:
+    """model_max_image_pixels replaces the model's own limit (under max_image_pixels)."""
+    settings = server_settings(
+        tmp_path, model_cache, model_max_image_pixels={MODEL: 1000}, max_image_pixels=900
+    )
+    with running_server(settings) as running, running.client() as client:
+        client.post("/v1/streams", json={"id": "cam-a"})
+        (model,) = client.get("/v1/models").json()["data"]
+        assert model["max_image_pixels"] == 900
+        bomb = png_with_declared_size(31, 31)  # 961 pixels
+        response = client.post(PREDICT, files=[("images", ("x.png", bomb, "image/png"))])
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["message"].endswith("the limit is 900 pixels")
+    settings = server_settings(tmp_path, model_cache, model_max_image_pixels={MODEL: 1000})
+    with running_server(settings) as running, running.client() as client:
+        bomb = png_with_declared_size(40, 40)
+        response = client.post(PREDICT, files=[("images", ("x.png", bomb, "image/png"))])
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["message"] == (
+            "image 0: image is 40x40 = 1600 pixels; the limit is 1000 pixels"
+        )
+
+
 # --- defect 7: no response carries null (or NaN) probabilities ------------------------------
 
 

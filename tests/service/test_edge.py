@@ -3,6 +3,7 @@ PNGs, and non-finite outputs. Each is refused (or reported) and no stream change
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from adapters.engine import ForwardResult
 from models import get_spec
 from service.settings import Settings
 from tests.service.helpers import (
@@ -308,8 +310,12 @@ def test_non_finite_outputs_are_never_sent_as_null(server: Server) -> None:
     """If the forward ever produced NaN, the request fails with a named error, never null."""
     engine = server.app.state.tta.runtimes[MODEL].engine
 
-    def nan_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.full((x.shape[0], 10), float("nan"))
+    real_forward = engine.forward
+
+    def nan_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> ForwardResult:
+        # NaN logits that the engine's own refusal did not flag: the JSON layer's backstop
+        result = real_forward(x, *args, **kwargs)
+        return dataclasses.replace(result, logits=torch.full_like(result.logits, float("nan")))
 
     with server.client() as client:
         before = snapshot(client)

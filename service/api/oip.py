@@ -24,15 +24,21 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import AppStateDep, RegistryDep
+from service.api.openapi import REGISTRY_ERRORS, RESIDENT_STREAM_ERRORS, ref, v2_errors
 from service.api.streams import run_prediction
 from service.errors import (
+    DeadlineExceededError,
+    ForwardError,
     InvalidInputError,
     InvalidTensorError,
     ModelNotServedError,
+    PayloadTooLargeError,
+    QueueFullError,
     describe_validation,
 )
 from service.imaging import ImageBatch, decode_tensor, tensor_from_list
 from service.runtime import ModelRuntime
+from service.schemas import EXAMPLE_STREAM_ID
 
 router = APIRouter(tags=["open inference protocol"])
 
@@ -62,7 +68,26 @@ class RequestedOutput(BaseModel):
 class InferRequest(BaseModel):
     """An OIP v2 inference request."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "42",
+                    "parameters": {"stream_id": EXAMPLE_STREAM_ID},
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "shape": [1, 3, 32, 32],
+                            "datatype": "UINT8",
+                            "data": [128] * (3 * 32 * 32),
+                        }
+                    ],
+                    "outputs": [{"name": "label"}],
+                }
+            ]
+        },
+    )
 
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -70,26 +95,156 @@ class InferRequest(BaseModel):
     outputs: list[RequestedOutput] | None = None
 
 
+class InferOutput(BaseModel):
+    """An output tensor: its values as JSON ``data``, or its size in the binary part."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class InferResponse(BaseModel):
+    """An OIP v2 inference response (its JSON part, with binary outputs)."""
+
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "42",
+                    "model_name": "cifar10_resnet20",
+                    "model_version": VERSION,
+                    "parameters": {"stream_id": EXAMPLE_STREAM_ID, "samples": 1},
+                    "outputs": [
+                        {"name": "label", "datatype": "BYTES", "shape": [1], "data": ["cat"]}
+                    ],
+                }
+            ]
+        },
+    )
+
+    id: str | None = None
+    model_name: str
+    model_version: str
+    parameters: dict[str, Any] = Field(description="the stream and its adapted images")
+    outputs: list[InferOutput]
+
+
+class ServerMetadata(BaseModel):
+    """The server's name, version and protocol extensions."""
+
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Liveness(BaseModel):
+    """Whether the process is up."""
+
+    live: bool
+
+
+class Readiness(BaseModel):
+    """Whether the server takes inference requests."""
+
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    """A model input or output: name, datatype, shape (-1: any size)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    """A model's inputs, outputs and preprocessing."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any] = Field(description="labels, input datatypes, mean and std")
+
+
+class ModelReadiness(BaseModel):
+    """Whether a model is ready."""
+
+    name: str
+    ready: bool
+
+
+StreamIdHeader = Annotated[
+    str | None,
+    Header(description="the stream, when the request's parameters.stream_id does not name it"),
+]
+MODEL_ERRORS = (*REGISTRY_ERRORS, ModelNotServedError)
+INFER_ERRORS = (
+    *MODEL_ERRORS,
+    *RESIDENT_STREAM_ERRORS,
+    PayloadTooLargeError,
+    InvalidInputError,
+    InvalidTensorError,
+    QueueFullError,
+    DeadlineExceededError,
+    ForwardError,
+)
+_INFER_DOC: dict[str, Any] = {
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "description": (
+                "JSON, or with the binary tensor extension: the JSON header "
+                "(Inference-Header-Content-Length bytes) followed by the raw input tensor."
+            ),
+            "content": {
+                "application/json": {"schema": ref(InferRequest)},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+    "response_class": Response,
+    "responses": {
+        200: {
+            "description": "JSON, or the JSON header followed by binary outputs",
+            "content": {
+                "application/json": {"schema": ref(InferResponse)},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **v2_errors(*INFER_ERRORS),
+    },
+}
+
+
 @router.get("/v2")
-async def server_metadata() -> dict[str, Any]:
+async def server_metadata() -> ServerMetadata:
     """Server metadata: name, version and the protocol extensions supported."""
-    return {"name": "tta-serve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    return ServerMetadata(name="tta-serve", version="0.1.0", extensions=["binary_tensor_data"])
 
 
 @router.get("/v2/health/live")
-async def live() -> dict[str, bool]:
+async def live() -> Liveness:
     """The process is up."""
-    return {"live": True}
+    return Liveness(live=True)
 
 
-@router.get("/v2/health/ready")
+@router.get(
+    "/v2/health/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "starting or shutting down"}},
+)
 async def ready(state: AppStateDep) -> JSONResponse:
     """200 once every model is loaded and streams are restored; 503 before and at shutdown."""
     is_ready = state.ready and not state.shutting_down
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.get("/v2/models/{model}")
+@router.get("/v2/models/{model}", response_model=ModelMetadata, responses=v2_errors(*MODEL_ERRORS))
 async def model_metadata(model: str, registry: RegistryDep) -> dict[str, Any]:
     """The model's inputs and outputs."""
     runtime = registry.runtime(model)
@@ -116,28 +271,22 @@ async def model_metadata(model: str, registry: RegistryDep) -> dict[str, Any]:
     }
 
 
-@router.get("/v2/models/{model}/ready")
+@router.get(
+    "/v2/models/{model}/ready", response_model=ModelReadiness, responses=v2_errors(*MODEL_ERRORS)
+)
 async def model_ready(model: str, registry: RegistryDep) -> dict[str, Any]:
     """Whether the model is ready (it is, once served and the server is ready)."""
     registry.runtime(model)
     return {"name": model, "ready": True}
 
 
-@router.post(
-    "/v2/models/{model}/infer",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
-        }
-    },
-)
+@router.post("/v2/models/{model}/infer", **_INFER_DOC)
 async def infer(
     model: str,
     request: Request,
     registry: RegistryDep,
     state: AppStateDep,
-    x_stream_id: Annotated[str | None, Header()] = None,
+    x_stream_id: StreamIdHeader = None,
 ) -> Response:
     """Predict (and adapt) a stream's batch; the body is an OIP v2 inference request."""
     runtime = registry.runtime(model)
@@ -291,28 +440,36 @@ def _check_version(version: str) -> None:
         raise ModelNotServedError(f"model version {version!r} does not exist; versions: {VERSION}")
 
 
-@router.get("/v2/models/{model}/versions/{version}")
+@router.get(
+    "/v2/models/{model}/versions/{version}",
+    response_model=ModelMetadata,
+    responses=v2_errors(*MODEL_ERRORS),
+)
 async def model_version_metadata(model: str, version: str, registry: RegistryDep) -> dict[str, Any]:
     """The model's metadata, for its version."""
     _check_version(version)
     return await model_metadata(model, registry)
 
 
-@router.get("/v2/models/{model}/versions/{version}/ready")
+@router.get(
+    "/v2/models/{model}/versions/{version}/ready",
+    response_model=ModelReadiness,
+    responses=v2_errors(*MODEL_ERRORS),
+)
 async def model_version_ready(model: str, version: str, registry: RegistryDep) -> dict[str, Any]:
     """Whether the model version is ready."""
     _check_version(version)
     return await model_ready(model, registry)
 
 
-@router.post("/v2/models/{model}/versions/{version}/infer")
+@router.post("/v2/models/{model}/versions/{version}/infer", **_INFER_DOC)
 async def infer_version(
     model: str,
     version: str,
     request: Request,
     registry: RegistryDep,
     state: AppStateDep,
-    x_stream_id: Annotated[str | None, Header()] = None,
+    x_stream_id: StreamIdHeader = None,
 ) -> Response:
     """Inference on the model version (see ``/v2/models/{model}/infer``)."""
     _check_version(version)

@@ -226,6 +226,7 @@ _HTTP_CODES = {
 
 
 OIP_PREFIX = "/v2"
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 # Headers of an error that the OIP reshaping keeps (the others describe the v1 body).
 _KEPT_HEADERS = ("retry-after", "allow")
 
@@ -244,17 +245,21 @@ def for_route(request: Request, response: JSONResponse) -> JSONResponse:
 
 
 def allowed_methods(request: Request) -> str:
-    """The ``Allow`` header of a 405: the methods of every route whose path matches.
+    """The ``Allow`` header of a 405: every method that some route serves at this path.
 
     Starlette's own 405 names only the first matching route's methods, but one path is often
-    served by several routes (GET and DELETE ``/v1/streams/{stream_id}``).
+    served by several routes (GET and DELETE ``/v1/streams/{stream_id}``), so each method is
+    tried against every route.
     """
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": ""})
-        if match is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
+    allowed = [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)
 
 
 def install_error_handlers(app: FastAPI) -> None:

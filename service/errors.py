@@ -216,12 +216,13 @@ def to_response(error: Exception) -> JSONResponse:
     return error_response(status, code, str(error), headers)
 
 
+# Codes of the HTTP errors raised by FastAPI and Starlette (a body that is not JSON is a 400).
 _HTTP_CODES = {
-    400: "bad_request",
+    400: InvalidInputError.code,
     404: "not_found",
     405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
+    413: PayloadTooLargeError.code,
+    415: UnsupportedMediaTypeError.code,
 }
 
 

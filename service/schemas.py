@@ -27,7 +27,7 @@ STREAM_ID_DESCRIPTION = (
 )
 
 
-EXAMPLE_STREAM = {
+EXAMPLE_STREAM: dict[str, Any] = {
     "id": EXAMPLE_STREAM_ID,
     "model": "cifar10_resnet20",
     "adapter": "adabn",

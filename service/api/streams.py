@@ -146,6 +146,7 @@ def stream_public(entry: StreamEntry) -> StreamPublic:
     responses=v1_errors(
         *REGISTRY_ERRORS,
         PayloadTooLargeError,
+        InvalidInputError,
         InvalidRequestError,
         InvalidStreamIdError,
         StreamExistsError,

@@ -30,8 +30,10 @@ import hypothesis
 import numpy as np
 import requests
 import schemathesis
+import torch
 from hypothesis import HealthCheck, Phase
 from hypothesis import strategies as st
+from safetensors.torch import load as load_tensors
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
@@ -63,6 +65,9 @@ CHECKS: dict[str, Callable[..., Any]] = {
     "undocumented headers": response_headers_conformance,
 }
 CHANGED = "stream changed by a refused request"
+INVALID = "invalid stream state"
+# State tensors that are counts, sums of non-negative terms or variances (by their last name).
+NON_NEGATIVE = {"n", "m2", "vars", "step", "classes", "confidence", "entropy"}
 AIM_CHOICES = 4  # of these, all but the last aim a field at a real stream, model or image
 
 
@@ -77,6 +82,20 @@ def snapshot(client: httpx.Client) -> dict[str, bytes]:
         if offset >= page["count"] or not page["data"]:
             break
     return {sid: client.get(f"/v1/streams/{sid}/state").content for sid in ids}
+
+
+def state_problem(state: bytes) -> str | None:
+    """Why an exported stream state is invalid (None when it is valid)."""
+    try:
+        tensors = load_tensors(state)
+    except Exception as error:  # any parse failure is the finding itself
+        return f"unreadable: {error}"
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            return f"{name} is not finite"
+        if name.rsplit(".", 1)[-1] in NON_NEGATIVE and (tensor < 0).any():
+            return f"{name} is negative"
+    return None
 
 
 @dataclass
@@ -114,11 +133,13 @@ class Aim:
 
     Purely random ids and images would almost always be answered 404 or 400 and never reach
     the code that changes a stream. ``states`` are the streams' latest exported states (sent
-    back as state imports).
+    back as state imports). ``hostile`` adds well-formed tensors of huge finite values, which
+    must be refused or leave every stream valid.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hostile: bool = True) -> None:
         self.states: dict[str, bytes] = {}
+        self.hostile = hostile
 
     def strategy(self, case: Any) -> st.SearchStrategy[Any]:
         """The generated ``case``, aimed by a drawn choice."""
@@ -140,13 +161,20 @@ class Aim:
         if "version" in parameters and choice == 0:
             parameters["version"] = "1"
         body = case.body
-        if path.endswith("/predict") and choice == 0:
+        hostile = self.hostile and choice == 1
+        if path.endswith("/predict") and (choice == 0 or hostile):
             if case.media_type == "application/json":
                 case.body = {"images": [EXAMPLE_PNG_BASE64]}
             elif case.media_type == "application/octet-stream":
-                pixels = np.random.default_rng(len(stream_id)).integers(0, 256, 2 * 3 * 32 * 32)
-                case.body = pixels.astype(np.uint8).tobytes()
-                case.query = {**(case.query or {}), "shape": "2,3,32,32", "dtype": "uint8"}
+                values, dtype = tensor_values(hostile)
+                case.body = values.tobytes()
+                case.query = {**(case.query or {}), "shape": "1,3,32,32", "dtype": dtype}
+        elif path.endswith("/infer") and (choice == 0 or hostile) and isinstance(body, dict):
+            values, dtype = tensor_values(hostile)
+            datatype = "FP32" if dtype == "float32" else "UINT8"
+            tensor = {"name": "input", "shape": [1, 3, 32, 32], "datatype": datatype}
+            body["inputs"] = [{**tensor, "data": values.tolist()}]
+            body["parameters"] = {"stream_id": stream_id}
         elif path.endswith("/state") and case.method.upper() == "PUT" and choice < 2:
             # its own state (accepted) or another adapter's (refused unless it is cam-2)
             case.body = self.states.get(stream_id if choice == 0 else "cam-2", b"")
@@ -160,6 +188,15 @@ class Aim:
             if "id" in body and choice == 0:
                 body["id"] = stream_id
         return case
+
+
+def tensor_values(hostile: bool) -> tuple[np.ndarray, str]:
+    """One image [1, 3, 32, 32]: uint8 pixels, or float32 values up to 1e37 (finite, hostile)."""
+    rng = np.random.default_rng()
+    if not hostile:
+        return rng.integers(0, 256, 3 * 32 * 32).astype(np.uint8), "uint8"
+    scale = np.float32(10.0) ** rng.integers(0, 38, 3 * 32 * 32).astype(np.float32)
+    return (rng.standard_normal(3 * 32 * 32).astype(np.float32) * scale), "float32"
 
 
 def aimed_schema(document: dict[str, Any], aim: Aim, config: dict[str, Any] | None = None) -> Any:
@@ -200,6 +237,7 @@ class Fuzzer:
         self.client = httpx.Client(base_url=url, timeout=60.0)
         self.session = requests.Session()
         self.take_snapshot = snapshot
+        self.last: dict[str, bytes] | None = None  # the streams' states after the last case
 
     def close(self) -> None:
         """Close the HTTP clients."""
@@ -208,6 +246,7 @@ class Fuzzer:
 
     def restore(self) -> None:
         """Put the fuzz streams back: delete any other, create missing ones, adapt each once."""
+        self.last = None
         present = {s["id"] for s in self.client.get("/v1/streams?limit=1000").json()["data"]}
         for stream_id in present - set(STREAMS):
             self.client.delete(f"/v1/streams/{stream_id}")
@@ -221,8 +260,14 @@ class Fuzzer:
     # --- one case ---
 
     def run(self, case: Any) -> Outcome:
-        """Send one generated request, check its response and, after a 4xx, the streams."""
-        before = self.take_snapshot(self.client)
+        """Send one generated request; check its response, and every stream after it.
+
+        The streams' states are exported before and after the request: after a 4xx they must be
+        unchanged, and after any request every state must be valid (finite; counts, variances
+        and second moments >= 0). A stream found invalid is deleted (and created again), so one
+        poisoning counts once.
+        """
+        before = self.last or self.take_snapshot(self.client)
         self.aim.states = before
         response = case.call(base_url=self.url, session=self.session, timeout=60)
         outcome = Outcome(
@@ -235,14 +280,16 @@ class Fuzzer:
                 case.validate_response(response, checks=[check])
             except FailureGroup as failures:
                 outcome.problems[kind] = "; ".join(f.title for f in failures.exceptions)
-        if 400 <= response.status_code < 500:
-            after = self.take_snapshot(self.client)
-            changed = sorted(
-                sid for sid in before.keys() | after.keys() if before.get(sid) != after.get(sid)
-            )
-            if changed:
-                outcome.problems[CHANGED] = f"streams {', '.join(changed)}"
-        if response.status_code < 300 or CHANGED in outcome.problems:
+        after = self.last = self.take_snapshot(self.client)
+        changed = sorted(sid for sid in before | after if before.get(sid) != after.get(sid))
+        if changed and 400 <= response.status_code < 500:
+            outcome.problems[CHANGED] = f"streams {', '.join(changed)}"
+        invalid = {sid: why for sid, state in after.items() if (why := state_problem(state))}
+        if invalid:
+            outcome.problems[INVALID] = "; ".join(f"{sid}: {why}" for sid, why in invalid.items())
+            for stream_id in invalid:
+                self.client.delete(f"/v1/streams/{stream_id}")
+        if response.status_code < 300 or outcome.problems:
             self.restore()
         return outcome
 
@@ -308,7 +355,7 @@ def prepared(
 def report(tally: Tally, seconds: float, where: str) -> str:
     """The "Fuzzing" section of docs/reliability.md."""
     rows = [("cases", tally.cases)]
-    rows += [(kind, tally.problems[kind]) for kind in (*CHECKS, CHANGED)]
+    rows += [(kind, tally.problems[kind]) for kind in (*CHECKS, CHANGED, INVALID)]
     statuses = ", ".join(f"{status}: {n}" for status, n in sorted(tally.statuses.items()))
     lines = [
         "## Fuzzing",
@@ -316,8 +363,10 @@ def report(tally: Tally, seconds: float, where: str) -> str:
         f"Machine: {where}; server and fuzzer on the same machine. Command: "
         f"`{command_line()}` ({seconds:g} s). Requests generated by schemathesis from the "
         "server's OpenAPI document, valid and invalid ones, aimed at three real streams; each "
-        "response checked against the document, and every stream's exported state compared "
-        "before and after each refused (4xx) request.",
+        "response checked against the document; every stream's exported state compared "
+        "before and after each refused (4xx) request, and checked valid (finite, counts and "
+        "variances >= 0) after every request. Raw tensors include finite float32 values up to "
+        "1e37.",
         "",
         table(["", "count"], rows),
         "",

@@ -306,13 +306,24 @@ async def infer(
     adapt = infer_request.parameters.get("adapt", True)
     if not isinstance(adapt, bool):
         raise InvalidInputError("parameters.adapt must be true or false")
+    # Every check comes before the prediction: a refused request must not adapt the stream.
+    wanted = _wanted_outputs(infer_request)
     images = _input_batch(infer_request, binary, runtime, state.settings.max_images_per_request)
     state.metrics.stage_latency.labels(model, "decode").observe(time.perf_counter() - started)
     result = await run_prediction(
         registry, entry, images, state.settings, adapt=adapt, top_k=1, drift=False
     )
     outputs = _outputs(result.logits, runtime)
-    return _respond(infer_request, model, stream_id, result.samples, outputs)
+    return _respond(infer_request, wanted, model, stream_id, result.samples, outputs)
+
+
+def _wanted_outputs(request: InferRequest) -> list[RequestedOutput]:
+    """The outputs the request asks for (all by default); InvalidInputError for unknown ones."""
+    wanted = request.outputs or [RequestedOutput(name=name) for name in OUTPUTS]
+    for output in wanted:
+        if output.name not in OUTPUTS:
+            raise InvalidInputError(f"unknown output {output.name!r}; valid: {', '.join(OUTPUTS)}")
+    return wanted
 
 
 def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
@@ -382,13 +393,13 @@ def _outputs(logits: torch.Tensor, runtime: ModelRuntime) -> Outputs:
 
 def _respond(
     request: InferRequest,
+    wanted: list[RequestedOutput],
     model: str,
     stream_id: str,
     samples: int,
     outputs: Outputs,
 ) -> Response:
     """The OIP response, JSON or JSON + binary outputs."""
-    wanted = request.outputs or [RequestedOutput(name=name) for name in OUTPUTS]
     binary_default = bool(request.parameters.get("binary_data_output", False))
     body: dict[str, Any] = {
         "model_name": model,
@@ -400,8 +411,6 @@ def _respond(
         body["id"] = request.id
     chunks: list[bytes] = []
     for output in wanted:
-        if output.name not in outputs:
-            raise InvalidInputError(f"unknown output {output.name!r}; valid: {', '.join(OUTPUTS)}")
         datatype, values = outputs[output.name]
         shape = list(values.shape) if isinstance(values, torch.Tensor) else [len(values)]
         entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}

@@ -3,8 +3,11 @@
 Every error response has the body ``{"error": {"code": ..., "message": ...}}``. Errors raised by
 the service are :class:`ServiceError` subclasses that carry their status and code; errors of the
 core packages (unknown model or adapter, invalid adapter config, mismatching state, full pool,
-store failure) are mapped in :data:`DOMAIN_ERRORS`; FastAPI's own errors (validation, 404 of an
-unknown route, 405) are reshaped to the same body.
+store failure) are mapped in :data:`DOMAIN_ERRORS`; FastAPI's own errors (validation, a body
+that is not JSON, 404 of an unknown route, 405 with its ``Allow`` header) are reshaped to the same
+body. ``/v2`` routes answer ``{"error": "<message>"}`` instead (see :func:`for_route`). The
+OpenAPI document lists each route's errors from here (:mod:`service.api.openapi`): a new error is
+a class (or a :data:`DOMAIN_ERRORS` row) plus its name on the routes that raise it.
 """
 
 from __future__ import annotations

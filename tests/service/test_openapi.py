@@ -10,6 +10,9 @@ import httpx
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
+from models import ModelError
+from service import errors
+from service.streams import STREAM_ID
 from tests.service.helpers import Server, running_server, server_settings
 
 
@@ -104,7 +107,7 @@ def test_stream_routes_document_their_statuses_and_the_id_pattern(
         "504",
     }
     stream_id = next(p for p in predict["parameters"] if p["name"] == "stream_id")
-    assert stream_id["schema"]["pattern"] == "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+    assert stream_id["schema"]["pattern"] == STREAM_ID.pattern
     body = predict["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json", "application/octet-stream"}
     create = document["paths"]["/v1/streams"]["post"]
@@ -189,3 +192,23 @@ def test_a_ttl_in_range_is_accepted(client: httpx.Client) -> None:
     response = client.post("/v1/streams", json={"id": "ttl-ok", "ttl_seconds": 31622400})
     assert response.status_code == 201, response.text
     assert response.json()["ttl_seconds"] == 31622400
+
+
+def test_every_typed_error_is_documented_on_some_route(document: dict[str, Any]) -> None:
+    def subclasses(kind: type[errors.ServiceError]) -> Iterator[type[errors.ServiceError]]:
+        for sub in kind.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    kinds: list[type[Exception]] = [*subclasses(errors.ServiceError)]
+    # ModelError is raised while the models load (at start-up), never by a request.
+    kinds += [kind for kind, _, _ in errors.DOMAIN_ERRORS if kind is not ModelError]
+    described = " ".join(
+        response["description"]
+        for _, _, operation in operations(document)
+        for response in operation["responses"].values()
+    )
+    missing = {errors.classify(kind)[1] for kind in kinds} - {
+        code for code in described.replace("`", " ").split()
+    }
+    assert missing == set()

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the HTTP API (schemathesis) against a real server.
 
-    uv run python -m bench.fuzz                    # starts its own server, fuzzes for 180 s
+    uv run python -m bench.fuzz                    # starts its own server, fuzzes for 300 s
     uv run python -m bench.fuzz --seconds 600 --url http://127.0.0.1:8000
 
 Requests are generated from the server's own OpenAPI document, valid ones and ones that break it
@@ -115,6 +115,7 @@ class Tally:
     cases: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     problems: Counter[str] = field(default_factory=Counter)
+    where: Counter[tuple[str, str]] = field(default_factory=Counter)  # (problem, operation)
     examples: dict[str, str] = field(default_factory=dict)
 
     def add(self, outcome: Outcome) -> None:
@@ -123,6 +124,7 @@ class Tally:
         self.statuses[outcome.status] += 1
         for kind, detail in outcome.problems.items():
             self.problems[kind] += 1
+            self.where[kind, outcome.label] += 1
             self.examples.setdefault(
                 kind, f"{outcome.label} -> {outcome.status}: {detail} ({outcome.request})"
             )
@@ -373,8 +375,10 @@ def report(tally: Tally, seconds: float, where: str) -> str:
         f"Statuses: {statuses}.",
     ]
     if tally.examples:
-        lines += ["", "First case of each problem:", ""]
-        lines += [f"- {kind}: `{example[:300]}`" for kind, example in tally.examples.items()]
+        lines += ["", "Problems by operation, and the first case of each:", ""]
+        for kind, example in tally.examples.items():
+            where = ", ".join(f"{op} {n}" for (k, op), n in tally.where.most_common() if k == kind)
+            lines.append(f"- {kind}: {where}; first: `{example[:300]}`")
     lines += [
         "",
         "The same harness runs a few hundred cases in the test suite "
@@ -386,7 +390,7 @@ def report(tally: Tally, seconds: float, where: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running server (default: start one)")
-    parser.add_argument("--seconds", type=float, default=180.0, help="time budget of the run")
+    parser.add_argument("--seconds", type=float, default=300.0, help="time budget of the run")
     parser.add_argument("--examples", type=int, default=25, help="cases per strategy and round")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("docs/reliability.md"))

@@ -167,6 +167,8 @@ class Aim:
         if path.endswith("/predict") and (choice == 0 or hostile):
             if case.media_type == "application/json":
                 case.body = {"images": [EXAMPLE_PNG_BASE64]}
+            elif case.media_type == "multipart/form-data":
+                case.body = {"images": [base64.b64decode(EXAMPLE_PNG_BASE64)]}
             elif case.media_type == "application/octet-stream":
                 values, dtype = tensor_values(hostile)
                 case.body = values.tobytes()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -27,7 +28,7 @@ from starlette.routing import Match
 from adapters import InvalidStateError, StateMismatchError, UnknownAdapterError
 from adapters.pool import PoolFullError, StateMemoryError
 from models import ModelError, UnknownModelError
-from service.stores import StoreError
+from service.stores import StoreConflictError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,18 @@ class StoreUnavailableError(ServiceError):
         super().__init__(message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+class StreamConflictError(ServiceError):
+    """Another replica serves the stream, or moved its stored state on: retry (here or there).
+
+    The request was not applied; this replica dropped its copy and reloads it on the next one.
+    """
+
+    status, code = 409, "stream_conflict"
+
+    def __init__(self, message: str, retry_after_s: float = RETRY_AFTER_S) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
+
+
 # Errors of the core packages: exception type -> (status, code). The first match wins, so a
 # subclass must come before its base.
 DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
@@ -175,6 +188,7 @@ DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
     (StateMismatchError, 422, "state_mismatch"),
     (StateMemoryError, 507, "state_memory_exhausted"),
     (PoolFullError, 503, "capacity_exhausted"),
+    (StoreConflictError, 409, "stream_conflict"),
     (StoreError, 503, "store_unavailable"),
     (ModelError, 500, "model_error"),
 ]

@@ -27,7 +27,7 @@ from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.health import StoreHealth
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware, ServedByMiddleware
 from service.runtime import load_runtime, resolve_device
 from service.scheduler import Batcher
 from service.schemas import Base64Images
@@ -64,6 +64,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(ServedByMiddleware, replica_id=settings.replica_id)
     app.include_router(streams.router, prefix="/v1/streams")
     app.include_router(catalog.models_router, prefix="/v1/models")
     app.include_router(catalog.adapters_router, prefix="/v1/adapters")
@@ -117,6 +118,8 @@ def _open_store(settings: Settings) -> StateStore:
         settings.store,
         directory=settings.data_dir.expanduser() / "streams",
         redis_url=settings.redis_url,
+        replica_id=settings.replica_id,
+        lease_ttl_s=settings.lease_ttl_s,
     )
 
 
@@ -220,6 +223,9 @@ async def _stop(state: AppState) -> None:
         await state.registry.flush()
     if state.writer is not None:
         state.writer.close()
+        # every write is done: other replicas may take the streams over now, not at lease expiry
+        for runtime in state.runtimes.values():
+            await runtime.call(runtime.slots.release_all)
     for runtime in state.runtimes.values():
         runtime.close()
     if state.store is not None:

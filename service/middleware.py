@@ -103,3 +103,24 @@ def route_template(scope: Scope) -> str:
     if concrete and not path.endswith(concrete):
         return template
     return path[: len(path) - len(concrete)] + template
+
+
+class ServedByMiddleware:
+    """Adds ``X-Served-By: <replica id>`` to every response: which replica a gateway chose."""
+
+    def __init__(self, app: ASGIApp, replica_id: str) -> None:
+        self.app = app
+        self.header = (b"x-served-by", replica_id.encode("latin-1"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on; add the header to the response's start message."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, with_header)

@@ -9,6 +9,7 @@ win over both. Nothing reads settings globally: ``create_app(settings)`` passes 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,6 +103,18 @@ class Settings(BaseSettings):
         ),
     )
     flush_interval_s: float = Field(default=5.0, gt=0, description="period of the interval flush")
+    replica_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+        description="this replica's name: in the X-Served-By response header and in the Redis "
+        "store's stream leases (unique per process; default hostname-pid)",
+    )
+    lease_ttl_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Redis store: how long a replica's lease on a stream lasts unrenewed; a "
+        "stream whose replica died moves to another after at most this long (docs/scaling.md)",
+    )
     slots_per_pool: int = Field(
         default=256,
         ge=1,

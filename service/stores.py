@@ -6,7 +6,10 @@ Three backends share one contract (`StateStore`):
 - `LocalStore`: one file per stream in a directory, written atomically (temp file, fsync,
   rename, fsync of the directory); the embedded default. Its directory belongs to one server
   process, which removes the temp files a crash left behind when it opens the store.
-- `RedisStore`: one Redis hash per stream plus a set of ids, for several replicas.
+- `RedisStore`: one Redis hash per stream plus a set of ids, for several replicas. Its writes
+  are fenced and versioned (see `RedisStore` and docs/scaling.md): a stream has one owner at a
+  time (a lease with a TTL and a fencing token), and a write derived from an older version, or
+  made with an older token, fails with `StoreConflictError` instead of overwriting newer state.
 
 Every backend failure (I/O, Redis connection, a corrupt entry read by `get`) is raised as
 `StoreError`. The stores never interpret `state`; it is the engine's safetensors blob, stored
@@ -67,6 +70,17 @@ class StoreError(Exception):
     """A state store failed: I/O, a lost Redis connection, a corrupt entry, a closed store."""
 
 
+class StoreConflictError(StoreError):
+    """A fenced write or a lease lost to another replica: the caller's copy of the stream is stale.
+
+    ``retry_after_s`` is when retrying may succeed (the other owner's lease left, or 1 s).
+    """
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class CorruptRecordError(StoreError):
     """A stored entry exists but cannot be decoded (truncated, bad magic, checksum mismatch)."""
 
@@ -99,14 +113,45 @@ class StreamRecord(StreamInfo):
     """Everything persisted about one stream: its identity, settings and opaque state bytes."""
 
     state: bytes
+    version: int = 0
+    """The record's version in a versioned store (Redis): 1 for a new stream's first write, +1
+    per write; a fenced write of version n fails over a stored version >= n. 0 elsewhere."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A replica's ownership of a stream: its fencing token and the stored version it found."""
+
+    token: int
+    version: int
+
+
+NO_LEASE = Lease(token=0, version=0)
+"""What the single-process stores (memory, local directory) grant: ownership is implicit."""
 
 
 @runtime_checkable
 class StateStore(Protocol):
     """Persistence of stream records; synchronous and safe to call from several threads."""
 
-    def put(self, record: StreamRecord) -> None:
-        """Store `record`, replacing any record with the same id; durable when it returns."""
+    lease_ttl_s: float | None
+    """How long a lease lasts; None for stores of one process, which need no leases."""
+
+    def put(self, record: StreamRecord, token: int | None = None) -> None:
+        """Store `record`, replacing any record with the same id; durable when it returns.
+
+        With a ``token`` (a lease's), a versioned store writes only if the token is still the
+        stream's newest and the stored version is below ``record.version``, else raises
+        StoreConflictError.
+        """
+        ...
+
+    def acquire(self, stream_id: str) -> Lease:
+        """Take or renew this replica's lease; StoreConflictError while another one owns it."""
+        ...
+
+    def release(self, stream_id: str, token: int) -> None:
+        """Give up the lease of ``token`` (if still this replica's): others may take over now."""
         ...
 
     def get(self, stream_id: str) -> StreamRecord | None:
@@ -251,6 +296,8 @@ class MemoryStore:
     backends and a caller mutating `config` afterwards does not change what is stored.
     """
 
+    lease_ttl_s: float | None = None
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[bytes, bytes]] = {}
@@ -260,8 +307,8 @@ class MemoryStore:
         if self._closed:
             raise StoreError("memory store is closed")
 
-    def put(self, record: StreamRecord) -> None:
-        """Store `record`, replacing any record with the same id."""
+    def put(self, record: StreamRecord, token: int | None = None) -> None:
+        """Store `record`, replacing any record with the same id (one process: no fencing)."""
         header = encode_header(record)
         with self._lock:
             self._check_open()
@@ -295,6 +342,13 @@ class MemoryStore:
             snapshot = sorted(self._entries.items())
         for _, (header, state) in snapshot:
             yield record_from_parts(decode_header(header), state)
+
+    def acquire(self, stream_id: str) -> Lease:
+        """Ownership is implicit in one process."""
+        return NO_LEASE
+
+    def release(self, stream_id: str, token: int) -> None:
+        """Nothing to release in one process."""
 
     def ping(self) -> None:
         """StoreError once the store is closed."""
@@ -348,6 +402,8 @@ class LocalStore:
         >>> store.put(record)  # doctest: +SKIP
     """
 
+    lease_ttl_s: float | None = None  # the directory belongs to one process: ownership is implicit
+
     def __init__(self, directory: Path, *, create: bool = True) -> None:
         self.directory = Path(directory)
         self._closed = False
@@ -388,7 +444,7 @@ class LocalStore:
         """The file that holds (or would hold) the record of `stream_id`."""
         return self.directory / stream_file_name(stream_id)
 
-    def put(self, record: StreamRecord) -> None:
+    def put(self, record: StreamRecord, token: int | None = None) -> None:
         """Write `record` atomically and durably (fsync of file and directory) before returning."""
         self._check_open()
         data = encode_record(record)
@@ -526,6 +582,13 @@ class LocalStore:
             if record is not None:  # None: deleted since the scan
                 yield record
 
+    def acquire(self, stream_id: str) -> Lease:
+        """Ownership is implicit: the directory belongs to one process."""
+        return NO_LEASE
+
+    def release(self, stream_id: str, token: int) -> None:
+        """Nothing to release in one process."""
+
     def ping(self) -> None:
         """StoreError if the store is closed or its directory is gone or not writable."""
         self._check_open()
@@ -553,6 +616,54 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
+# Lease of a stream: KEYS lease, fence counter, stream hash; ARGV replica, ttl (ms).
+# The owner renews its lease and keeps its token; a free stream gets the next token (INCR of a
+# counter that is never reset, so tokens only grow); a stream owned by another is refused with
+# the lease's remaining time and owner. Returns {1, token, stored version} or {0, pttl, owner}.
+_ACQUIRE = """
+local lease = redis.call('GET', KEYS[1])
+local version = tonumber(redis.call('HGET', KEYS[3], 'version') or '0')
+if lease then
+  local owner, token = string.match(lease, '^(.*) (%d+)$')
+  if owner == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {1, tonumber(token), version}
+  end
+  return {0, redis.call('PTTL', KEYS[1]), owner}
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. token, 'PX', ARGV[2])
+return {1, token, version}
+"""
+
+# Fenced, versioned write: KEYS stream hash, fence counter, id set; ARGV token, new version,
+# meta, state, id. Written only if the token is the newest one granted for the stream and the
+# store has not moved past the version the record was derived from (stored < new: a write
+# retried after an outage may carry several versions at once). A retry of a write that was applied
+# (same version, same token: only this owner writes with it) succeeds again.
+# Returns {1} or {0, reason, stored value}.
+_PUT = """
+local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
+local token = tonumber(ARGV[1])
+local new = tonumber(ARGV[2])
+if version == new and tonumber(redis.call('HGET', KEYS[1], 'token') or '-1') == token then
+  return {1}
+end
+if token ~= fence then return {0, 'fenced', fence} end
+if version >= new then return {0, 'version', version} end
+redis.call('HSET', KEYS[1], 'meta', ARGV[3], 'state', ARGV[4], 'version', new, 'token', token)
+redis.call('SADD', KEYS[3], ARGV[5])
+return {1}
+"""
+
+# Release: KEYS lease; ARGV "replica token". Deleted only if it is still that lease.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class RedisStore:
     """One Redis hash per stream (`<prefix>stream:<id>`, fields `meta` and `state`), ids in a set.
 
@@ -560,6 +671,13 @@ class RedisStore:
     so readers never see a half-written stream. Both commands are idempotent, so redis-py's
     retry of a transaction after a dropped connection is safe. Durability across a Redis restart
     is Redis's own (AOF/RDB settings): `put` returns once Redis has applied the write.
+
+    Ownership (docs/scaling.md): `acquire` gives this replica (``replica_id``) a lease on a
+    stream, `<prefix>lease:<id>` = "<replica> <token>" with a TTL, refused while another
+    replica's lease lives; tokens come from `<prefix>fence:<id>`, which only grows. A put with
+    a token is one Lua script: it writes only if the token is the newest granted and the hash's
+    `version` field is below the record's, so a replica that was paused, partitioned or
+    adapted from a stale copy gets StoreConflictError and never overwrites newer state.
 
     Args:
         url: a redis-py URL, e.g. `redis://127.0.0.1:6379/0` (passwords never appear in errors).
@@ -578,8 +696,14 @@ class RedisStore:
         *,
         socket_timeout: float = 2.0,
         retries: int = 1,
+        replica_id: str = "replica",
+        lease_ttl_s: float = 10.0,
     ) -> None:
+        if not replica_id or any(c.isspace() for c in replica_id):
+            raise ValueError(f"replica id {replica_id!r} must be non-empty, without spaces")
         self.prefix = prefix
+        self.replica_id = replica_id
+        self.lease_ttl_s: float | None = lease_ttl_s
         self._url = redact_url(url)
         self._closed = False
         self._ids_key = f"{prefix}ids"
@@ -594,6 +718,9 @@ class RedisStore:
             self._client.ping()
         except (redis.RedisError, ValueError) as exc:
             raise StoreError(f"Redis at {self._url} is not reachable: {exc}") from exc
+        self._acquire = self._client.register_script(_ACQUIRE)
+        self._put = self._client.register_script(_PUT)
+        self._release = self._client.register_script(_RELEASE)
 
     def _key(self, stream_id: str) -> str:
         return f"{self.prefix}stream:{stream_id}"
@@ -617,19 +744,79 @@ class RedisStore:
             raise CorruptRecordError(f"stream {stream_id!r} is corrupt: {exc}") from exc
         if record.id != stream_id:
             raise CorruptRecordError(f"stream {stream_id!r}: hash holds id {record.id!r}")
-        return record
+        try:
+            version = int(fields.get(b"version") or 0)
+        except ValueError:
+            raise CorruptRecordError(f"stream {stream_id!r}: version is not an integer") from None
+        return dataclasses.replace(record, version=version)
 
-    def put(self, record: StreamRecord) -> None:
-        """Set the stream's hash and add its id to the id set in one transaction."""
+    def _lease_key(self, stream_id: str) -> str:
+        return f"{self.prefix}lease:{stream_id}"
+
+    def _fence_key(self, stream_id: str) -> str:
+        return f"{self.prefix}fence:{stream_id}"
+
+    def acquire(self, stream_id: str) -> Lease:
+        """Take or renew this replica's lease; StoreConflictError while another replica owns it."""
+        self._check_open()
+        ttl_ms = max(1, round((self.lease_ttl_s or 0) * 1000))
+        keys = [self._lease_key(stream_id), self._fence_key(stream_id), self._key(stream_id)]
+        try:
+            result = self._acquire(keys=keys, args=[self.replica_id, ttl_ms])
+        except redis.RedisError as exc:
+            raise self._error(f"lease stream {stream_id!r}", exc) from exc
+        if result[0] != 1:
+            owner = result[2].decode() if isinstance(result[2], bytes) else result[2]
+            wait = max(int(result[1]), 0) / 1000
+            raise StoreConflictError(
+                f"stream {stream_id!r} is served by replica {owner} for {wait:.1f} s more",
+                retry_after_s=max(wait, 1.0),
+            )
+        return Lease(token=int(result[1]), version=int(result[2]))
+
+    def release(self, stream_id: str, token: int) -> None:
+        """Delete this replica's lease of ``token``, if it is still the stream's lease."""
+        self._check_open()
+        try:
+            self._release(keys=[self._lease_key(stream_id)], args=[f"{self.replica_id} {token}"])
+        except redis.RedisError as exc:
+            raise self._error(f"release stream {stream_id!r}", exc) from exc
+
+    def put(self, record: StreamRecord, token: int | None = None) -> None:
+        """Write the stream's hash and id: fenced by ``token`` if given, else unconditionally.
+
+        The unconditional form (tools, tests, a single replica) sets the version to the
+        record's. StoreConflictError if a fenced write finds a newer token or version.
+        """
         self._check_open()
         meta = encode_header(record)
+        if token is not None:
+            self._put_fenced(record, meta, token)
+            return
         try:
             with self._client.pipeline(transaction=True) as pipe:
-                pipe.hset(self._key(record.id), mapping={"meta": meta, "state": record.state})
+                pipe.hset(
+                    self._key(record.id),
+                    mapping={"meta": meta, "state": record.state, "version": record.version},
+                )
                 pipe.sadd(self._ids_key, record.id)
                 pipe.execute()
         except redis.RedisError as exc:
             raise self._error(f"write stream {record.id!r}", exc) from exc
+
+    def _put_fenced(self, record: StreamRecord, meta: bytes, token: int) -> None:
+        keys = [self._key(record.id), self._fence_key(record.id), self._ids_key]
+        args: list[bytes | str | int] = [token, record.version, meta, record.state, record.id]
+        try:
+            result = self._put(keys=keys, args=args)
+        except redis.RedisError as exc:
+            raise self._error(f"write stream {record.id!r}", exc) from exc
+        if result[0] != 1:
+            reason = result[1].decode() if isinstance(result[1], bytes) else result[1]
+            raise StoreConflictError(
+                f"stream {record.id!r} moved on in the store ({reason}: found {result[2]}, "
+                f"wrote version {record.version} with token {token}): this copy was stale"
+            )
 
     def get(self, stream_id: str) -> StreamRecord | None:
         """The record of `stream_id`, None if absent, StoreError if its hash is corrupt."""
@@ -726,6 +913,8 @@ def create_store(
     directory: Path | None = None,
     redis_url: str | None = None,
     redis_prefix: str = "tta:",
+    replica_id: str = "replica",
+    lease_ttl_s: float = 10.0,
 ) -> StateStore:
     """Create a state store by name.
 
@@ -734,6 +923,8 @@ def create_store(
         directory: the state directory (required for "local"; created if missing).
         redis_url: the Redis URL (required for "redis").
         redis_prefix: key namespace of the Redis store.
+        replica_id: this replica's name in the Redis store's leases.
+        lease_ttl_s: how long a Redis lease lasts without renewal.
 
     The caller owns the store: a local store's leftover temp files (from a crash) are removed.
 
@@ -756,18 +947,23 @@ def create_store(
     if kind == "redis":
         if not redis_url:
             raise ValueError("the redis state store needs a redis_url")
-        return RedisStore(redis_url, prefix=redis_prefix)
+        return RedisStore(
+            redis_url, prefix=redis_prefix, replica_id=replica_id, lease_ttl_s=lease_ttl_s
+        )
     raise ValueError(f"Unknown state store ({kind!r}); valid: {', '.join(STORE_KINDS)}")
 
 
 __all__ = [
     "MAGIC",
+    "NO_LEASE",
     "STORE_KINDS",
     "CorruptRecordError",
+    "Lease",
     "LocalStore",
     "MemoryStore",
     "RedisStore",
     "StateStore",
+    "StoreConflictError",
     "StoreError",
     "StoreKind",
     "StreamRecord",

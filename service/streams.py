@@ -12,6 +12,11 @@ Two halves, each used from one place only, so no lock guards stream state:
 
 Store writes go through :class:`StoreWriter`, one thread that applies them in order and lets
 reads see the writes it has not finished yet, so an evicted stream is never reloaded stale.
+
+With a shared store (Redis, several replicas) a resident stream is also a lease: the slot is
+served only while this replica owns the stream, every write is fenced by the lease's token and
+the version it was derived from, and a copy whose write lost (another replica moved the stream
+on) is dropped and reloaded before the stream is served again (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -36,13 +42,23 @@ from service.errors import (
     CapacityError,
     InvalidStreamIdError,
     ModelNotServedError,
+    ServiceError,
     StoreUnavailableError,
+    StreamConflictError,
     StreamExistsError,
     StreamNotFoundError,
     UnusableStateError,
 )
 from service.metrics import Metrics, StreamSignal
-from service.stores import StateStore, StoreError, StreamInfo, StreamRecord
+from service.stores import (
+    NO_LEASE,
+    Lease,
+    StateStore,
+    StoreConflictError,
+    StoreError,
+    StreamInfo,
+    StreamRecord,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +137,13 @@ def listed_samples(state: bytes) -> int:
         return 0
 
 
+def store_failure(error: StoreError, action: str) -> ServiceError:
+    """The HTTP error of a failed store operation: 409 if another replica moved on, else 503."""
+    if isinstance(error, StoreConflictError):
+        return StreamConflictError(f"cannot {action}: {error}", error.retry_after_s)
+    return StoreUnavailableError(f"cannot {action}: {error}")
+
+
 # --- store writer ----------------------------------------------------------------------------
 
 
@@ -137,17 +160,39 @@ class StoreWriter:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tta-store")
         self._lock = threading.Lock()
         self._sequence = 0
-        # id -> (sequence of the newest op, record to write, or None for a deletion)
-        self._pending: dict[str, tuple[int, StreamRecord | None]] = {}
+        # id -> (sequence of the newest op, record to write or None for a deletion, its token)
+        self._pending: dict[str, tuple[int, StreamRecord | None, int | None]] = {}
         self._failed: dict[str, int] = {}
+        self._lost: set[str] = set()  # streams whose fenced write lost: their copy is stale
 
-    def put(self, record: StreamRecord) -> Future[None]:
-        """Write ``record`` (after every write submitted before it)."""
-        return self._submit(record.id, record)
+    def put(self, record: StreamRecord, token: int | None = None) -> Future[None]:
+        """Write ``record`` (after every write submitted before it), fenced by ``token``."""
+        return self._submit(record.id, record, token)
+
+    def pending_lease(self, stream_id: str) -> Lease | None:
+        """The lease of this replica's own pending (unsaved) write of the stream, if any.
+
+        What a stream is served with while the store is down: the write was this replica's,
+        under that token; if another replica took the stream over, the write is fenced and
+        the stream reloaded.
+        """
+        with self._lock:
+            pending = self._pending.get(stream_id)
+        if pending is None or pending[1] is None:
+            return None
+        return Lease(token=pending[2] or 0, version=pending[1].version)
+
+    def lost(self, stream_id: str) -> bool:
+        """True once if a fenced write of the stream lost since the last call: reload it."""
+        with self._lock:
+            if stream_id in self._lost:
+                self._lost.discard(stream_id)
+                return True
+            return False
 
     def delete(self, stream_id: str) -> Future[None]:
         """Delete the stream's record (after every write submitted before it)."""
-        return self._submit(stream_id, None)
+        return self._submit(stream_id, None, None)
 
     def get(self, stream_id: str, model: str = "") -> StreamRecord | None:
         """The stream's newest record: a pending write if any, else the store's (may raise).
@@ -171,28 +216,41 @@ class StoreWriter:
     def retry_failed(self) -> list[Future[None]]:
         """Submit the failed writes again."""
         with self._lock:
-            failed = [(sid, self._pending[sid][1]) for sid in self._failed if sid in self._pending]
-        return [self._submit(sid, record) for sid, record in failed]
+            failed = [(sid, self._pending[sid]) for sid in self._failed if sid in self._pending]
+        return [self._submit(sid, record, token) for sid, (_, record, token) in failed]
 
     def close(self) -> None:
         """Finish every submitted write, then stop the thread."""
         self._executor.shutdown(wait=True)
 
-    def _submit(self, stream_id: str, record: StreamRecord | None) -> Future[None]:
+    def _submit(
+        self, stream_id: str, record: StreamRecord | None, token: int | None
+    ) -> Future[None]:
         with self._lock:
             self._sequence += 1
             sequence = self._sequence
-            self._pending[stream_id] = (sequence, record)
-        return self._executor.submit(self._apply, stream_id, record, sequence)
+            self._pending[stream_id] = (sequence, record, token)
+        return self._executor.submit(self._apply, stream_id, record, token, sequence)
 
-    def _apply(self, stream_id: str, record: StreamRecord | None, sequence: int) -> None:
+    def _apply(
+        self, stream_id: str, record: StreamRecord | None, token: int | None, sequence: int
+    ) -> None:
         operation = "delete" if record is None else "put"
         started = time.perf_counter()
         try:
             if record is None:
                 self.store.delete(stream_id)
             else:
-                self.store.put(record)
+                self.store.put(record, token)
+        except StoreConflictError:
+            # Never retried: the store holds a newer state, which this write must not replace.
+            self.metrics.store_errors.labels(operation).inc()
+            with self._lock:
+                self._lost.add(stream_id)
+                if self._pending.get(stream_id, (None,))[0] == sequence:
+                    del self._pending[stream_id]
+                self._failed.pop(stream_id, None)
+            raise
         except StoreError:
             self.metrics.store_errors.labels(operation).inc()
             with self._lock:
@@ -219,6 +277,9 @@ class Resident:
     handle: StreamHandle
     samples: int = 0
     dirty: bool = False
+    version: int = 0  # the stored version this copy is at (its newest write's, once applied)
+    token: int = 0  # the fencing token of this replica's lease on the stream
+    renew_at: float = math.inf  # when (monotonic) to renew the lease before serving again
 
 
 class StreamSlots:
@@ -245,18 +306,63 @@ class StreamSlots:
         """The model's name."""
         return self.engine.name
 
+    @property
+    def leased(self) -> bool:
+        """Whether the store is shared: streams are served under leases, writes are fenced."""
+        return self.writer.store.lease_ttl_s is not None
+
     def open(self, info: StreamInfo, pinned: frozenset[str] = frozenset()) -> Resident:
         """Give a new stream a slot with a fresh state (its seed picked now if it has none)."""
+        lease = self._acquire(info.id, "save stream")
         seed = info.seed if info.seed >= 0 else None
         handle = self._allocate(info, seed, pinned)
         resident = Resident(replace(info, seed=handle.seed), handle)
+        self._lease(resident, lease)
         self.resident[info.id] = resident
         self._count()
         return resident
 
+    def _acquire(self, stream_id: str, action: str = "serve stream") -> Lease:
+        """This replica's lease on the stream (StreamConflictError if another replica owns it)."""
+        if not self.leased:
+            return NO_LEASE
+        try:
+            return self.writer.store.acquire(stream_id)
+        except StoreError as error:
+            if not isinstance(error, StoreConflictError):
+                self.metrics.store_errors.labels("lease").inc()
+            raise store_failure(error, f"{action} {stream_id!r}") from None
+
+    def _lease(self, resident: Resident, lease: Lease) -> None:
+        ttl = self.writer.store.lease_ttl_s
+        resident.token, resident.version = lease.token, lease.version
+        # renewed well before it lapses, so a slow request never runs on an expired lease
+        resident.renew_at = math.inf if ttl is None else time.monotonic() + ttl / 3
+
+    def _still_owned(self, resident: Resident) -> bool:
+        """Renew the lease if due; False (the copy dropped) if the stored stream moved on."""
+        stream_id = resident.info.id
+        if self.writer.lost(stream_id):
+            self.close(stream_id)
+            return False
+        if time.monotonic() < resident.renew_at:
+            return True
+        try:
+            lease = self._acquire(stream_id)
+        except StreamConflictError:
+            self.close(stream_id)  # another replica serves it: this copy is stale from now on
+            raise
+        if lease.token != resident.token and lease.version != resident.version:
+            self.close(stream_id)  # the lease lapsed and someone wrote meanwhile
+            return False
+        self._lease(resident, replace(lease, version=resident.version))
+        return True
+
     def ensure(self, info: StreamInfo, pinned: frozenset[str] = frozenset()) -> Resident:
         """The stream's slot, reloading it from the store if it was evicted."""
         resident = self.resident.get(info.id)
+        if resident is not None and not self._still_owned(resident):
+            resident = None
         # created_at tells a stream from a later one with the same id (deleted and re-created
         # while a request of the old one was queued): that request finds no stream.
         if resident is not None and resident.info.created_at == info.created_at:
@@ -265,9 +371,16 @@ class StreamSlots:
         if resident is not None:
             raise StreamNotFoundError(f"stream {info.id!r} not found (it was deleted)")
         try:
+            lease = self._acquire(info.id)
+        except StoreUnavailableError:
+            pending = self.writer.pending_lease(info.id)
+            if pending is None:
+                raise
+            lease = pending  # the store is down; this replica's own unsaved state is the newest
+        try:
             record = self.writer.get(info.id, info.model)
         except StoreError as error:
-            raise StoreUnavailableError(f"cannot load stream {info.id!r}: {error}") from None
+            raise store_failure(error, f"load stream {info.id!r}") from None
         if record is None or record.created_at != info.created_at:
             raise StreamNotFoundError(f"stream {info.id!r} not found")
         handle = self._allocate(info, info.seed, pinned)
@@ -281,6 +394,7 @@ class StreamSlots:
                 "reset the stream or import a state"
             ) from None
         resident = Resident(info, handle, samples)
+        self._lease(resident, replace(lease, version=record.version))
         self.resident[info.id] = resident
         self._count()
         return resident
@@ -292,6 +406,8 @@ class StreamSlots:
         cannot be loaded never stands in the way of the operations that replace it.
         """
         resident = self.resident.get(info.id)
+        if resident is not None and not self._still_owned(resident):
+            resident = None
         if resident is None:
             return self.open(info)
         if resident.info.created_at != info.created_at:
@@ -323,6 +439,9 @@ class StreamSlots:
                 resident.dirty = False
             except StateMismatchError:
                 self.close(info.id)  # it could not be loaded before either: it stays stored only
+            else:
+                self.persist(resident)  # after the failed write, fenced like every write
+                return
         elif resident is not None:
             self.close(info.id)
         if before is not None:
@@ -342,9 +461,25 @@ class StreamSlots:
         )
 
     def persist(self, resident: Resident) -> Future[None]:
-        """Write the stream's current state to the store (in order with every other write)."""
+        """Write the stream's current state to the store (in order with every other write).
+
+        The write is the next version of the one this copy was derived from, fenced by the
+        lease: it fails (StoreConflictError) if another replica wrote or took the stream since.
+        """
         resident.dirty = False
-        return self.writer.put(resident.info.record(self.export(resident)))
+        resident.version += 1
+        record = replace(resident.info.record(self.export(resident)), version=resident.version)
+        token = resident.token if self.leased else None
+        return self.writer.put(record, token)
+
+    def release_all(self) -> None:
+        """Give up the lease of every resident stream (at shutdown, after the final flush)."""
+        for stream_id, resident in list(self.resident.items()):
+            if self.leased:
+                try:
+                    self.writer.store.release(stream_id, resident.token)
+                except StoreError as error:
+                    logger.warning("releasing stream %s: %s", stream_id, error)
 
     def flush(self) -> list[Future[None]]:
         """Persist every stream with unsaved changes."""
@@ -504,7 +639,7 @@ class StreamRegistry(Generic[R]):
         try:
             record = await asyncio.to_thread(self.writer.get, stream_id)
         except StoreError as error:
-            raise StoreUnavailableError(f"cannot look up stream {stream_id!r}: {error}") from None
+            raise store_failure(error, f"look up stream {stream_id!r}") from None
         if stream_id not in self.entries and record is not None and record.model in self.runtimes:
             self.entries[stream_id] = StreamEntry(
                 StreamInfo.of(record), last_used=self.clock(), samples=listed_samples(record.state)
@@ -550,9 +685,13 @@ class StreamRegistry(Generic[R]):
         )
         self._reserved.add(stream_id)
         try:
-            opened = await runtime.call(self._open, runtime.slots, info)
             try:
+                opened = await runtime.call(self._open, runtime.slots, info)
                 await self._wait_store(opened.persisted, f"save stream {stream_id!r}")
+            except StreamConflictError:
+                # another replica created it meanwhile: its record stays, this slot goes
+                await runtime.call(runtime.slots.close, stream_id)
+                raise StreamExistsError(f"stream {stream_id!r} already exists") from None
             except StoreUnavailableError:
                 # Not created: free the slot, and make sure the unsaved record never appears.
                 await runtime.call(runtime.slots.close, stream_id)
@@ -580,22 +719,24 @@ class StreamRegistry(Generic[R]):
         entry = await self.find(stream_id)
         runtime = self.runtime(entry.info.model)
 
-        def discard(slots: StreamSlots) -> StreamRecord | None:
+        def discard(slots: StreamSlots) -> tuple[StreamRecord | None, int | None]:
             before = self._newest(slots, entry.info)
+            resident = slots.resident.get(stream_id)
+            token = resident.token if resident is not None and slots.leased else None
             slots.close(stream_id)
-            return before
+            return before, token
 
         del self.entries[stream_id]  # no new request finds it from here on
         try:
-            before = await runtime.call(discard, runtime.slots)
+            before, token = await runtime.call(discard, runtime.slots)
         except StoreUnavailableError:
             self.entries.setdefault(stream_id, entry)
             raise
         try:
             await self._wait_store(self.writer.delete(stream_id), f"delete stream {stream_id!r}")
         except StoreUnavailableError:
-            if before is not None:
-                self.writer.put(before)  # after the failed deletion: the store keeps the stream
+            if before is not None:  # after the failed deletion: the store keeps the stream
+                self.writer.put(before, token)
             self.entries.setdefault(stream_id, entry)
             raise
         self._count(entry.info.model)
@@ -625,7 +766,21 @@ class StreamRegistry(Generic[R]):
         def export(slots: StreamSlots) -> bytes:
             return slots.export(slots.ensure(entry.info))
 
-        return await runtime.call(export, runtime.slots)
+        try:
+            return await runtime.call(export, runtime.slots)
+        except StreamConflictError:
+            # Served by another replica: its last stored state (every acknowledged update,
+            # under sync durability) is what this replica can read without taking it over.
+            record = self._stored(stream_id)
+            if record is None:
+                raise
+            return record.state
+
+    def _stored(self, stream_id: str) -> StreamRecord | None:
+        try:
+            return self.writer.store.get(stream_id)
+        except StoreError as error:
+            raise store_failure(error, f"read stream {stream_id!r}") from None
 
     async def import_state(self, stream_id: str, data: bytes) -> StreamEntry:
         """Replace the stream's state by an exported one, checked against its model and adapter.
@@ -687,7 +842,7 @@ class StreamRegistry(Generic[R]):
         try:
             return slots.newest(info)
         except StoreError as error:
-            raise StoreUnavailableError(f"cannot read stream {info.id!r}: {error}") from None
+            raise store_failure(error, f"read stream {info.id!r}") from None
 
     async def drift(self, stream_id: str) -> dict[str, Any]:
         """The stream's full drift report."""
@@ -710,7 +865,7 @@ class StreamRegistry(Generic[R]):
         try:
             await asyncio.wrap_future(future)
         except StoreError as error:
-            raise StoreUnavailableError(f"cannot {action}: {error}") from None
+            raise store_failure(error, action) from None
 
     # --- start-up, expiry, flush ---
 

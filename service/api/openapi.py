@@ -23,6 +23,7 @@ from service.errors import (
     CapacityError,
     InvalidStreamIdError,
     StoreUnavailableError,
+    StreamConflictError,
     StreamNotFoundError,
     UnavailableError,
     UnusableStateError,
@@ -47,6 +48,7 @@ STREAM_ERRORS = (
     InvalidStreamIdError,
     StreamNotFoundError,
     StoreUnavailableError,
+    StreamConflictError,
 )
 RESIDENT_STREAM_ERRORS = (*STREAM_ERRORS, CapacityError, StateMemoryError)
 LOADED_STREAM_ERRORS = (*RESIDENT_STREAM_ERRORS, UnusableStateError)

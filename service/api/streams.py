@@ -64,8 +64,8 @@ from service.schemas import (
     StreamsPublic,
 )
 from service.settings import Settings
-from service.stores import StoreError
-from service.streams import STREAM_ID, StreamEntry, StreamRegistry
+from service.stores import StoreConflictError, StoreError
+from service.streams import STREAM_ID, StreamEntry, StreamRegistry, store_failure
 
 router = APIRouter(tags=["streams"])
 
@@ -373,6 +373,8 @@ async def run_prediction(
         try:
             await asyncio.wrap_future(result.stored)
         except StoreError as error:
+            if isinstance(error, StoreConflictError):
+                raise store_failure(error, "save the stream's new state") from None
             raise StoreUnavailableError(
                 f"the prediction was made but the stream's new state was not saved: {error}"
             ) from None

@@ -405,7 +405,9 @@ def test_redis_layout_is_one_hash_and_an_id_set(redis_url: str, redis_prefix: st
     raw = redis.Redis.from_url(redis_url)
     assert raw.smembers(f"{redis_prefix}ids") == {b"cam/1"}
     fields = raw.hgetall(f"{redis_prefix}stream:cam/1")
-    assert set(fields) == {b"meta", b"state"}
+    # version: what a fenced write (a replica's, under a lease) checks; an unfenced put sets it
+    assert set(fields) == {b"meta", b"state", b"version"}
+    assert fields[b"version"] == b"0"
     assert fields[b"state"] == record.state
     assert json.loads(fields[b"meta"])["id"] == "cam/1"
     store.delete("cam/1")

@@ -26,6 +26,8 @@ from bench.fuzz import snapshot as snapshot  # the fuzz harness compares states 
 from models import create_model, normalize
 from service.main import create_app
 from service.settings import Settings
+from service.stores import RedisStore
+from service.streams import samples_of
 
 MODEL = "cifar10_resnet20"
 
@@ -83,6 +85,27 @@ def running_server(settings: Settings) -> Iterator[Server]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def post_pixels(client: httpx.Client, stream_id: str, pixels: np.ndarray) -> httpx.Response:
+    """Raw uint8 images [N, 32, 32, 3] to a stream's predict; the response, whatever its status."""
+    return client.post(
+        f"/v1/streams/{stream_id}/predict",
+        content=np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)).tobytes(),
+        params={"shape": f"{len(pixels)},3,32,32"},
+        headers={"content-type": "application/octet-stream"},
+    )
+
+
+def stored_samples(url: str, stream_id: str) -> int:
+    """The sample count in the stream's record in Redis (what survives every replica)."""
+    store = RedisStore(url, replica_id="reader")
+    try:
+        record = store.get(stream_id)
+        assert record is not None
+        return samples_of(record.state)
+    finally:
+        store.close()
 
 
 # --- images ---------------------------------------------------------------------------------

@@ -11,39 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
 import pytest
 
 from service.stores import RedisStore, StoreConflictError, StreamRecord
-from tests.service.helpers import random_pixels, running_server, server_settings
+from tests.service.helpers import post_pixels as send
+from tests.service.helpers import random_pixels, running_server, server_settings, stored_samples
 from tests.service.redis_server import running_redis
 
-OCTET = {"content-type": "application/octet-stream"}
 LEASE_S = 0.5
-
-
-def send(client: httpx.Client, stream_id: str, pixels: np.ndarray) -> httpx.Response:
-    """Post raw uint8 images to a stream; the response, whatever its status."""
-    return client.post(
-        f"/v1/streams/{stream_id}/predict",
-        content=np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)).tobytes(),
-        params={"shape": f"{len(pixels)},3,32,32"},
-        headers=OCTET,
-    )
-
-
-def stored_samples(url: str, stream_id: str) -> int:
-    """The sample count in the stream's record in Redis (what survives every replica)."""
-    from service.streams import samples_of
-
-    store = RedisStore(url, replica_id="reader")
-    try:
-        record = store.get(stream_id)
-        assert record is not None
-        return samples_of(record.state)
-    finally:
-        store.close()
 
 
 def lapse() -> None:

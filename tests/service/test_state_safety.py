@@ -30,6 +30,7 @@ from service.streams import SERVICE_METADATA_KEY
 from tests.service.helpers import (
     MODEL,
     Server,
+    post_pixels,
     random_pixels,
     running_server,
     server_settings,
@@ -38,16 +39,6 @@ from tests.service.redis_server import running_redis
 
 OCTET = {"content-type": "application/octet-stream"}
 WHITE = np.full((2, 32, 32, 3), 255, dtype=np.uint8)
-
-
-def post_pixels(client: httpx.Client, stream_id: str, pixels: np.ndarray) -> httpx.Response:
-    """Raw uint8 images [N, 32, 32, 3] to a stream's predict."""
-    return client.post(
-        f"/v1/streams/{stream_id}/predict",
-        content=np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)).tobytes(),
-        params={"shape": f"{len(pixels)},3,32,32"},
-        headers=OCTET,
-    )
 
 
 def poison_white_images(server: Server) -> None:

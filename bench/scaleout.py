@@ -98,6 +98,19 @@ def handoff(url: str, running: dict, tag: str) -> tuple[float, str, str]:
             time.sleep(0.05)
 
 
+def state_sizes(cache: Path) -> list[str]:
+    """Bytes of one stored stream (its exported state with the service metadata) per adapter."""
+    from service.streams import attach_metadata
+    from tests.service.helpers import reference_engine
+
+    engine = reference_engine(cache)
+    sizes = []
+    for adapter, config in (("adabn", {}), ("momentum", {}), ("unmix_tns", {"components": 4})):
+        state = engine.export_stream(engine.open_stream(adapter, config, 0))
+        sizes.append(f"{adapter} {len(attach_metadata(state, {'samples': 0})) / 1000:.1f} KB")
+    return sizes
+
+
 def main() -> None:
     """Run the three measurements and write them into docs/scaling.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,6 +141,8 @@ def main() -> None:
         ) as interval:
             interval_rt = round_trips(next(iter(interval.values()))[0], redis_url, 50)
         figures = [
+            "- one stored stream of cifar10_resnet20 (its state as written to Redis): "
+            + ", ".join(state_sizes(args.cache)),
             f"- handoff after kill -9 (lease_ttl_s={args.lease:g}): {seconds:.2f} s "
             f"from the kill to the stream's next acknowledged prediction ({old} -> {new})",
             f"- Redis round-trips per predict of a resident stream: durability=sync "

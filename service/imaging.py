@@ -3,14 +3,18 @@
 Images (JPEG, PNG, WebP) are checked against a byte limit before Pillow sees them and against a
 pixel limit after Pillow has read only the header, so a decompression bomb (a small file that
 declares a huge image) is refused before a single pixel is decoded. Truncated or corrupt files are
-refused (``LOAD_TRUNCATED_IMAGES`` stays off). Raw tensors are uint8 pixels (0-255) or float32
-inputs that are already normalised; their shape must be exactly the model's input.
+refused (``LOAD_TRUNCATED_IMAGES`` stays off, and a PNG's image data must hold every row: Pillow
+zero-fills the rows of a zlib stream that ends early). Raw tensors are uint8 pixels (0-255) or
+float32 inputs that are already normalised, finite, and inside the model's input range
+(``ModelSpec.input_range``); their shape must be exactly the model's input.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,11 +85,59 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
         )
     try:
         image.load()
+        if image.format == "PNG":
+            check_png_data(data)
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise InvalidImageError(
             f"cannot decode {image.format} image: the file is truncated or corrupt ({error})"
         ) from None
     return image.convert("RGB")
+
+
+# PNG color type -> samples per pixel (gray, RGB, palette, gray + alpha, RGBA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7 passes: (first column, first row, column step, row step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))  # fmt: skip
+
+
+def check_png_data(data: bytes) -> None:
+    """Raise ValueError unless the PNG's image data decompresses to exactly every row.
+
+    Pillow zero-fills the rows missing when the zlib stream of the IDAT chunks ends early
+    (a truncated file re-wrapped in valid chunks), so it cannot tell a complete image from a
+    cut one; this recomputes the size the header promises and inflates the data to check it.
+    The header was checked against the pixel limit first, so the inflation is bounded.
+    """
+    width, height, depth, color_type, _, _, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    bits = _PNG_CHANNELS[color_type] * depth
+
+    def size(columns: int, rows: int) -> int:  # one filter byte per row, then packed samples
+        return 0 if columns == 0 or rows == 0 else rows * (1 + (columns * bits + 7) // 8)
+
+    if interlace:
+        expected = sum(
+            size(-(-(width - x) // dx), -(-(height - y) // dy)) for x, y, dx, dy in _ADAM7
+        )
+    else:
+        expected = size(width, height)
+    inflater = zlib.decompressobj()
+    produced, position = 0, 8
+    # Stop one byte past the promise: max_length 0 would mean "no limit" to zlib.
+    while position + 8 <= len(data) and not inflater.eof and produced <= expected:
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"IDAT":
+            chunk = data[position + 8 : position + 8 + length]
+            try:
+                produced += len(inflater.decompress(chunk, expected + 1 - produced))
+            except zlib.error as error:
+                raise ValueError(f"its image data is not a valid zlib stream: {error}") from None
+        position += 12 + length
+    if produced != expected or not inflater.eof:
+        raise ValueError(
+            f"its image data holds {produced} of the {expected} bytes that its "
+            f"{width}x{height} header promises"
+        )
 
 
 def decode_images(
@@ -142,8 +194,12 @@ def decode_tensor(
     spec: ModelSpec,
     *,
     max_images: int,
+    margin: float,
 ) -> ImageBatch:
-    """A raw little-endian tensor (uint8 pixels or normalised float32) as the input batch."""
+    """A raw little-endian tensor (uint8 pixels or normalised float32) as the input batch.
+
+    ``margin`` widens the model's input range for float32 inputs (see `bounded_batch`).
+    """
     torch_dtype = tensor_dtype(dtype)
     full = check_shape(shape, spec, max_images)
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
@@ -154,7 +210,7 @@ def decode_tensor(
             f"{expected} bytes"
         )
     tensor = torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(full)
-    return finite_batch(tensor)
+    return bounded_batch(tensor, spec, margin)
 
 
 def tensor_dtype(dtype: str) -> torch.dtype:
@@ -168,9 +224,15 @@ def tensor_dtype(dtype: str) -> torch.dtype:
 
 
 def tensor_from_list(
-    values: list, shape: Sequence[int], dtype: str, spec: ModelSpec, *, max_images: int
+    values: list,
+    shape: Sequence[int],
+    dtype: str,
+    spec: ModelSpec,
+    *,
+    max_images: int,
+    margin: float,
 ) -> ImageBatch:
-    """A tensor given as (flat or nested) JSON numbers, as the input batch."""
+    """A tensor given as (flat or nested) JSON numbers, as the input batch (see `decode_tensor`)."""
     torch_dtype = tensor_dtype(dtype)
     full = check_shape(shape, spec, max_images)
     try:
@@ -186,11 +248,35 @@ def tensor_from_list(
             raise InvalidTensorError("uint8 tensor data must be integers in 0..255")
         if (tensor < 0).any() or (tensor > 255).any():
             raise InvalidTensorError("uint8 tensor data must be integers in 0..255")
-    return finite_batch(tensor.to(torch_dtype).reshape(full))
+    else:  # bounds checked on the float64 values: 1e39 reads as out of range, not as inf
+        bounded_batch(tensor.reshape(full), spec, margin)
+    return ImageBatch(tensor.to(torch_dtype).reshape(full).contiguous())
 
 
-def finite_batch(tensor: torch.Tensor) -> ImageBatch:
-    """Wrap a batch, refusing float inputs with NaN or infinite values."""
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+def bounded_batch(tensor: torch.Tensor, spec: ModelSpec, margin: float) -> ImageBatch:
+    """Wrap a batch, refusing float inputs that are NaN, infinite or outside the input range.
+
+    The range is ``spec.input_range(margin)`` per channel: the normalised pixel range [0, 1]
+    widened ``margin`` times. A finite but huge value (3e38) would otherwise overflow the
+    stream's BatchNorm moments and poison its statistics for good. uint8 pixels are bounded
+    by their type.
+    """
+    if not tensor.dtype.is_floating_point:
+        return ImageBatch(tensor.contiguous())
+    if not bool(torch.isfinite(tensor).all()):
         raise InvalidTensorError("tensor holds NaN or infinite values")
+    lows, highs = spec.input_range(margin)
+    per_channel = tensor.transpose(0, 1).reshape(3, -1)
+    smallest, largest = per_channel.amin(1).tolist(), per_channel.amax(1).tolist()
+    for channel, (low, high) in enumerate(zip(lows, highs, strict=True)):
+        # A pixel normalised in float32 may land an ulp outside the exact (float64) bounds.
+        slack = 1e-5 * max(abs(low), abs(high))
+        if smallest[channel] < low - slack or largest[channel] > high + slack:
+            value = smallest[channel] if smallest[channel] < low - slack else largest[channel]
+            raise InvalidTensorError(
+                f"tensor value {value:.6g} in channel {channel} is outside model {spec.name}'s "
+                f"input range [{low:.4g}, {high:.4g}]: float32 inputs are normalised pixels "
+                f"((pixel - mean) / std with pixels in [0, 1]), allowed {margin:g} times that "
+                "range (input_range_margin)"
+            )
     return ImageBatch(tensor.contiguous())

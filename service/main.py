@@ -3,14 +3,18 @@
 ``create_app(settings)`` builds a FastAPI app whose lifespan loads the models, opens the state
 store, restores the stored streams, and starts one batcher per model plus the periodic flush
 (``durability=interval``) and TTL expiry; at shutdown it refuses new requests, drains every
-queue, and flushes every changed stream to the store.
+queue, and flushes every changed stream to the store. A state store that does not answer at
+start-up is retried in the background for ``store_connect_timeout_s`` while the server answers
+``/v2/health/live`` 200 and ``/v2/health/ready`` 503; readiness also follows the store later on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
@@ -20,17 +24,20 @@ from service.api import catalog, oip, streams
 from service.api import metrics as metrics_api
 from service.api.deps import AppState
 from service.errors import install_error_handlers
+from service.health import StoreHealth
 from service.metrics import Metrics, TroubleThresholds
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.runtime import load_runtime, resolve_device
 from service.scheduler import Batcher
 from service.settings import Settings
-from service.stores import create_store
+from service.stores import StateStore, StoreError, create_store
 from service.streams import StoreWriter, StreamRegistry
 
 logger = logging.getLogger(__name__)
 
 EXPIRY_PERIOD_S = 1.0
+FIRST_RETRY_S = 0.1  # backoff of the store connection at start-up: 0.1 s, doubling, to 5 s
+MAX_RETRY_S = 5.0
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
@@ -45,7 +52,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     state = AppState(settings=settings, metrics=metrics or Metrics())
-    state.metrics.ready.set_function(lambda: float(state.ready and not state.shutting_down))
+    state.metrics.ready.set_function(lambda: float(is_ready(state)))
     app = FastAPI(
         title="tta-serve",
         summary="Test-time adaptation of BatchNorm statistics, per client stream",
@@ -66,16 +73,91 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the app before serving; stop it after.
+
+    A state store that does not answer at start-up (Redis still starting) does not fail the
+    start-up at once: the server starts listening, answers live but not ready, and connects
+    with exponential backoff for ``store_connect_timeout_s`` in the background, then loads the
+    models; past that time it gives up and asks the process to exit.
+    """
     state: AppState = app.state.tta
-    settings, metrics = state.settings, state.metrics
-    store = await asyncio.to_thread(
-        create_store,
+    waiting: asyncio.Task[None] | None = None
+    try:
+        store = await asyncio.to_thread(_open_store, state.settings)
+    except StoreError as error:
+        if state.settings.store_connect_timeout_s <= 0:
+            raise
+        logger.warning(
+            "the state store does not answer (%s): not ready; retrying for %g s",
+            error,
+            state.settings.store_connect_timeout_s,
+        )
+        state.waiting_for_store = True
+        waiting = asyncio.create_task(_start_when_store_answers(state), name="start")
+    else:
+        try:
+            await _start(state, store)
+        except BaseException:
+            await _stop(state)
+            raise
+    try:
+        yield
+    finally:
+        state.shutting_down = True
+        if waiting is not None:
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+        await _stop(state)
+
+
+def _open_store(settings: Settings) -> StateStore:
+    return create_store(
         settings.store,
         directory=settings.data_dir.expanduser() / "streams",
         redis_url=settings.redis_url,
     )
-    metrics.store_up.set(1)  # created: reachable (each operation updates it from now on)
-    writer = StoreWriter(store, metrics)
+
+
+async def _start_when_store_answers(state: AppState) -> None:
+    """Connect to the store with exponential backoff until the deadline, then start."""
+    loop = asyncio.get_running_loop()
+    timeout = state.settings.store_connect_timeout_s
+    deadline = loop.time() + timeout
+    delay = FIRST_RETRY_S
+    while True:
+        await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
+        try:
+            store = await asyncio.to_thread(_open_store, state.settings)
+            break
+        except StoreError as error:
+            if loop.time() >= deadline:
+                _fail(state, f"the state store did not answer within {timeout:g} s: {error}")
+                return
+            delay = min(2 * delay, MAX_RETRY_S)
+    state.waiting_for_store = False
+    logger.info("the state store answers: starting")
+    try:
+        await _start(state, store)
+    except Exception as error:  # any start-up failure: the same exit as at the start
+        logger.exception("start-up failed")
+        _fail(state, f"{type(error).__name__}: {error}")
+
+
+def _fail(state: AppState, reason: str) -> None:
+    """Record why a background start-up failed, and ask the process to exit."""
+    logger.error("start-up failed: %s", reason)
+    state.waiting_for_store = False
+    state.start_error = reason
+    if state.request_exit is not None:
+        state.request_exit()
+
+
+async def _start(state: AppState, store: StateStore) -> None:
+    """Load the models, restore the stored streams, start the batchers and periodic jobs."""
+    settings, metrics = state.settings, state.metrics
+    state.store = store
+    metrics.store_up.set(1)  # it answered (each store operation updates it from now on)
+    state.writer = writer = StoreWriter(store, metrics)
     device = resolve_device(settings.device)
     for name in settings.models:
         state.runtimes[name] = await asyncio.to_thread(
@@ -117,39 +199,40 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry.observed, settings.models, trouble_thresholds(settings), settings.metrics_top_k
     )
     metrics.track_gpus([device])
-    tasks = [
+    state.tasks = [
         asyncio.create_task(_every(settings.flush_interval_s, registry.flush), name="flush"),
         asyncio.create_task(_every(EXPIRY_PERIOD_S, registry.expire), name="expire"),
     ]
     state.registry = registry
+    state.store_health = StoreHealth(store)
     state.ready = True
     logger.info("ready: serving %s on %s", ", ".join(settings.models), device)
-    try:
-        yield
-    finally:
-        state.shutting_down = True
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for runtime in state.runtimes.values():
-            if runtime.batcher is not None:
-                await runtime.batcher.stop()  # drains the queue
-        await registry.flush()
-        writer.close()
-        for runtime in state.runtimes.values():
-            runtime.close()
-        store.close()
-        logger.info("stopped: every changed stream was flushed")
 
 
-async def _every(period_s: float, job: Callable[[], Awaitable[object]]) -> None:
-    """Run ``job`` every ``period_s`` seconds until cancelled; log its failures."""
-    while True:
-        await asyncio.sleep(period_s)
-        try:
-            await job()
-        except Exception:  # a periodic job must survive one bad round
-            logger.exception("periodic %s failed", getattr(job, "__name__", job))
+async def _stop(state: AppState) -> None:
+    """Drain every queue and flush every changed stream; stop whatever the start-up started."""
+    state.shutting_down = True
+    for task in state.tasks:
+        task.cancel()
+    await asyncio.gather(*state.tasks, return_exceptions=True)
+    for runtime in state.runtimes.values():
+        if runtime.batcher is not None:
+            await runtime.batcher.stop()  # drains the queue
+    if state.registry is not None:
+        await state.registry.flush()
+    if state.writer is not None:
+        state.writer.close()
+    for runtime in state.runtimes.values():
+        runtime.close()
+    if state.store is not None:
+        state.store.close()
+    logger.info("stopped: every changed stream was flushed")
+
+
+def is_ready(state: AppState) -> bool:
+    """Readiness as ``/v2/health/ready`` last found it (the store's last ping, not a new one)."""
+    store_answers = state.store_health is None or state.store_health.answered
+    return state.ready and not state.shutting_down and store_answers
 
 
 def trouble_thresholds(settings: Settings) -> TroubleThresholds:
@@ -164,21 +247,42 @@ def trouble_thresholds(settings: Settings) -> TroubleThresholds:
     )
 
 
+async def _every(period_s: float, job: Callable[[], Awaitable[object]]) -> None:
+    """Run ``job`` every ``period_s`` seconds until cancelled; log its failures."""
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            await job()
+        except Exception:  # a periodic job must survive one bad round
+            logger.exception("periodic %s failed", getattr(job, "__name__", job))
+
+
 def main() -> None:
-    """``tta-serve``: serve ``create_app(Settings())`` with uvicorn, one worker."""
+    """``tta-serve``: serve ``create_app(Settings())`` with uvicorn, one worker.
+
+    Exits with status 1 when the start-up fails, also one that failed in the background (a
+    state store that never answered).
+    """
     settings = Settings()
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         workers=1,
         log_level=settings.log_level,
         log_config=None,
     )
+    server = uvicorn.Server(config)
+    state: AppState = app.state.tta
+    state.request_exit = functools.partial(setattr, server, "should_exit", True)
+    server.run()
+    if not server.started or state.start_error is not None:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

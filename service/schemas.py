@@ -57,7 +57,8 @@ class ClassScore(BaseModel):
 
     label: str
     index: int
-    probability: float
+    # NaN/inf fail loudly here: pydantic would otherwise write them as JSON null.
+    probability: float = Field(allow_inf_nan=False)
 
 
 class ImagePrediction(BaseModel):
@@ -65,7 +66,7 @@ class ImagePrediction(BaseModel):
 
     label: str
     index: int
-    probability: float
+    probability: float = Field(allow_inf_nan=False)
     top_k: list[ClassScore]
 
 
@@ -109,6 +110,15 @@ class ModelPublic(BaseModel):
     input_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    input_min: tuple[float, float, float] = Field(
+        description="per channel, the smallest float32 input value accepted (input_range_margin)"
+    )
+    input_max: tuple[float, float, float] = Field(
+        description="per channel, the largest float32 input value accepted"
+    )
+    max_image_pixels: int = Field(
+        description="largest encoded image (width x height) accepted, checked before decoding"
+    )
     labels: list[str]
     device: str
     ready: bool

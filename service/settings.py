@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -22,12 +22,22 @@ from pydantic_settings import (
 )
 
 from adapters import get_adapter
+from models import ModelSpec
 
 CONFIG_FILE_ENV = "TTA_CONFIG_FILE"
 
 
 class Settings(BaseSettings):
-    """Everything the server can be configured with (env prefix ``TTA_``)."""
+    """Everything the server can be configured with (env prefix ``TTA_``).
+
+    Durability: with ``durability="interval"`` (the default) a stream's new state is written
+    to the store every ``flush_interval_s`` seconds and at a clean shutdown, so a crash (kill -9,
+    OOM kill, power loss) loses the updates acknowledged since the last flush: up to one flush
+    interval of adapted images per stream (docs/reliability.md measures it). The predictions
+    already sent stay valid; the stream resumes from its last flushed state. With
+    ``durability="sync"`` every predict response waits until its new state is stored, so no
+    acknowledged update is lost, at the cost of one store write per request.
+    """
 
     model_config = SettingsConfigDict(env_prefix="TTA_", extra="forbid")
 
@@ -73,9 +83,23 @@ class Settings(BaseSettings):
         default="local", description="state store kind"
     )
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis store URL")
+    store_connect_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description=(
+            "at start-up, how long to retry a state store that does not answer (exponential "
+            "backoff, 0.1 s to 5 s) while /v2/health/live is 200 and /v2/health/ready 503; "
+            "then the server exits with status 1 (0: exit at once)"
+        ),
+    )
     durability: Literal["sync", "interval"] = Field(
         default="interval",
-        description="sync: persist before each predict response; interval: periodically",
+        description=(
+            "sync: persist before each predict response (a crash loses no acknowledged "
+            "update); interval: every flush_interval_s and at shutdown (a crash loses the "
+            "updates acknowledged since the last flush, up to one interval of them)"
+        ),
     )
     flush_interval_s: float = Field(default=5.0, gt=0, description="period of the interval flush")
     slots_per_pool: int = Field(
@@ -117,9 +141,31 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 << 20, ge=1024, description="largest request body")
     max_image_bytes: int = Field(default=8 << 20, ge=64, description="largest encoded image")
     max_image_pixels: int = Field(
-        default=16_000_000, ge=1, description="largest image (width x height), checked first"
+        default=16_000_000,
+        ge=1,
+        description=(
+            "largest image (width x height) for any model, checked on the header before "
+            "decoding; each model also has its own limit (ModelSpec.pixel_limit: 256 x the area "
+            "it resizes to, at least 2048 x 2048), and the smaller of the two applies"
+        ),
+    )
+    model_max_image_pixels: dict[str, PositiveInt] = Field(
+        default_factory=dict,
+        description=(
+            "per model name, its own pixel limit instead of ModelSpec.pixel_limit "
+            "(max_image_pixels still caps it)"
+        ),
     )
     max_images_per_request: int = Field(default=256, ge=1, description="images in one request")
+    input_range_margin: float = Field(
+        default=4.0,
+        ge=1.0,
+        allow_inf_nan=False,
+        description=(
+            "float32 inputs must lie in the model's normalised pixel range [0, 1] widened this "
+            "many times about its centre (4: pixels in [-1.5, 2.5]); beyond it, 422"
+        ),
+    )
 
     # --- metrics ---
     metrics_top_k: int = Field(
@@ -147,6 +193,11 @@ class Settings(BaseSettings):
         ge=1,
         description="images in the observer window before a stream can be in trouble",
     )
+
+    def pixel_limit(self, spec: ModelSpec) -> int:
+        """The largest image (width x height) accepted for the model of ``spec``."""
+        own = self.model_max_image_pixels.get(spec.name, spec.pixel_limit)
+        return min(self.max_image_pixels, own)
 
     @field_validator("models")
     @classmethod

@@ -4,7 +4,8 @@ Three backends share one contract (`StateStore`):
 
 - `MemoryStore`: a dict in this process; nothing survives a restart (tests, ephemeral servers).
 - `LocalStore`: one file per stream in a directory, written atomically (temp file, fsync,
-  rename, fsync of the directory); the embedded default.
+  rename, fsync of the directory); the embedded default. Its directory belongs to one server
+  process, which removes the temp files a crash left behind when it opens the store.
 - `RedisStore`: one Redis hash per stream plus a set of ids, for several replicas.
 
 Every backend failure (I/O, Redis connection, a corrupt entry read by `get`) is raised as
@@ -122,6 +123,10 @@ class StateStore(Protocol):
 
     def load_all(self) -> Iterator[StreamRecord]:
         """Every stored record, sorted by id, skipping (and logging) corrupt entries."""
+        ...
+
+    def ping(self) -> None:
+        """Return if the store can be used now (cheap: for readiness probes), else StoreError."""
         ...
 
     def close(self) -> None:
@@ -291,6 +296,11 @@ class MemoryStore:
         for _, (header, state) in snapshot:
             yield record_from_parts(decode_header(header), state)
 
+    def ping(self) -> None:
+        """StoreError once the store is closed."""
+        with self._lock:
+            self._check_open()
+
     def close(self) -> None:
         """Drop every record; later calls raise StoreError."""
         with self._lock:
@@ -325,7 +335,8 @@ class LocalStore:
     A write goes to a temp file in the same directory, is flushed and fsynced, renamed over the
     stream's file (`os.replace`, atomic on POSIX), and the directory is fsynced: a crash leaves
     either the old or the new record, never a torn one. Leftover temp files (a crash between
-    create and rename) are ignored by `ids` and `load_all`.
+    create and rename) are ignored by `ids` and `load_all`, and removed by `remove_temp_files`,
+    which the server calls when it opens its store.
 
     Args:
         directory: where the stream files live.
@@ -355,6 +366,23 @@ class LocalStore:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"local store at {self.directory} is closed")
+
+    def remove_temp_files(self) -> int:
+        """Remove every temp file in the directory; return how many were removed.
+
+        Only for the directory's owner at start-up: a temp file is a write in progress, so
+        while no write is in progress every one of them is the leftover of a crash.
+        """
+        self._check_open()
+        removed = 0
+        try:
+            for name in os.listdir(self.directory):
+                if name.startswith(_TEMP_PREFIX):
+                    (self.directory / name).unlink(missing_ok=True)
+                    removed += 1
+        except OSError as exc:
+            raise StoreError(f"cannot remove temp files in {self.directory}: {exc}") from exc
+        return removed
 
     def path_for(self, stream_id: str) -> Path:
         """The file that holds (or would hold) the record of `stream_id`."""
@@ -497,6 +525,12 @@ class LocalStore:
                 continue
             if record is not None:  # None: deleted since the scan
                 yield record
+
+    def ping(self) -> None:
+        """StoreError if the store is closed or its directory is gone or not writable."""
+        self._check_open()
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise StoreError(f"state directory {self.directory} is missing or not writable")
 
     def close(self) -> None:
         """Mark the store closed (every write is already durable); later calls raise."""
@@ -664,6 +698,14 @@ class RedisStore:
                 except CorruptRecordError as exc:
                     logger.warning("skipping Redis stream: %s", exc)
 
+    def ping(self) -> None:
+        """StoreError if the store is closed or Redis does not answer PING."""
+        self._check_open()
+        try:
+            self._client.ping()
+        except redis.RedisError as exc:
+            raise self._error("ping", exc) from exc
+
     def close(self) -> None:
         """Close the connection pool; later calls raise StoreError. Idempotent."""
         if self._closed:
@@ -693,6 +735,8 @@ def create_store(
         redis_url: the Redis URL (required for "redis").
         redis_prefix: key namespace of the Redis store.
 
+    The caller owns the store: a local store's leftover temp files (from a crash) are removed.
+
     Raises ValueError for an unknown kind or a missing argument, StoreError if the backend is
     not usable (directory not writable, Redis not reachable).
 
@@ -704,7 +748,11 @@ def create_store(
     if kind == "local":
         if directory is None:
             raise ValueError("the local state store needs a directory")
-        return LocalStore(directory)
+        store = LocalStore(directory)
+        removed = store.remove_temp_files()  # the caller is the directory's one owner
+        if removed:
+            logger.warning("removed %d temp files left in %s by a crash", removed, directory)
+        return store
     if kind == "redis":
         if not redis_url:
             raise ValueError("the redis state store needs a redis_url")

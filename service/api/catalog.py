@@ -23,6 +23,7 @@ async def list_served_models(state: AppStateDep) -> ModelsPublic:
         if runtime is None:
             continue
         spec = runtime.spec
+        lows, highs = spec.input_range(state.settings.input_range_margin)
         data.append(
             ModelPublic(
                 name=spec.name,
@@ -30,6 +31,9 @@ async def list_served_models(state: AppStateDep) -> ModelsPublic:
                 input_size=spec.input_size,
                 mean=spec.mean,
                 std=spec.std,
+                input_min=(lows[0], lows[1], lows[2]),
+                input_max=(highs[0], highs[1], highs[2]),
+                max_image_pixels=state.settings.pixel_limit(spec),
                 labels=list(spec.labels),
                 device=str(runtime.device),
                 ready=state.ready,

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from service.errors import UnavailableError
+from service.health import StoreHealth
 from service.metrics import Metrics
 from service.runtime import ModelRuntime
 from service.settings import Settings
-from service.streams import StreamRegistry
+from service.stores import StateStore
+from service.streams import StoreWriter, StreamRegistry
 
 
 @dataclass(eq=False)
@@ -22,8 +26,16 @@ class AppState:
     metrics: Metrics
     runtimes: dict[str, ModelRuntime] = field(default_factory=dict)
     registry: StreamRegistry[ModelRuntime] | None = None
+    store: StateStore | None = None
+    writer: StoreWriter | None = None
+    store_health: StoreHealth | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
     ready: bool = False
     shutting_down: bool = False
+    waiting_for_store: bool = False  # start-up found the store unreachable and retries it
+    start_error: str | None = None  # why a start-up in the background failed
+    # Asks the server to exit (a background start-up failed); set by the entry point.
+    request_exit: Callable[[], None] | None = None
 
 
 def get_app_state(request: Request) -> AppState:
@@ -42,6 +54,10 @@ def get_registry(request: Request) -> StreamRegistry[ModelRuntime]:
     state = get_app_state(request)
     if state.shutting_down:
         raise UnavailableError("the server is shutting down")
+    if state.start_error is not None:
+        raise UnavailableError(f"the server failed to start: {state.start_error}")
+    if state.waiting_for_store:
+        raise UnavailableError("the server is starting: waiting for the state store to answer")
     if not state.ready or state.registry is None:
         raise UnavailableError("the server is starting: models are not loaded yet")
     return state.registry

@@ -33,6 +33,7 @@ from service.errors import (
 )
 from service.imaging import ImageBatch, decode_tensor, tensor_from_list
 from service.runtime import ModelRuntime
+from service.settings import Settings
 
 router = APIRouter(tags=["open inference protocol"])
 
@@ -77,15 +78,20 @@ async def server_metadata() -> dict[str, Any]:
 
 
 @router.get("/v2/health/live")
-async def live() -> dict[str, bool]:
-    """The process is up."""
-    return {"live": True}
+async def live(state: AppStateDep) -> JSONResponse:
+    """200 while the process is up, also while it starts; 503 once its start-up has failed."""
+    is_live = state.start_error is None
+    return JSONResponse({"live": is_live}, status_code=200 if is_live else 503)
 
 
 @router.get("/v2/health/ready")
 async def ready(state: AppStateDep) -> JSONResponse:
-    """200 once every model is loaded and streams are restored; 503 before and at shutdown."""
+    """200 once every model is loaded and streams are restored, while the state store answers
+    (a ping at most once a second); 503 before, while the store is unreachable, and at shutdown.
+    """
     is_ready = state.ready and not state.shutting_down
+    if is_ready and state.store_health is not None:
+        is_ready = await state.store_health.reachable()
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
@@ -157,7 +163,7 @@ async def infer(
     adapt = infer_request.parameters.get("adapt", True)
     if not isinstance(adapt, bool):
         raise InvalidInputError("parameters.adapt must be true or false")
-    images = _input_batch(infer_request, binary, runtime, state.settings.max_images_per_request)
+    images = _input_batch(infer_request, binary, runtime, state.settings)
     state.metrics.stage_latency.labels(model, "decode").observe(time.perf_counter() - started)
     result = await run_prediction(
         registry, entry, images, state.settings, adapt=adapt, top_k=1, drift=False
@@ -186,9 +192,10 @@ def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]
 
 
 def _input_batch(
-    request: InferRequest, binary: bytes, runtime: ModelRuntime, max_images: int
+    request: InferRequest, binary: bytes, runtime: ModelRuntime, settings: Settings
 ) -> ImageBatch:
     """The single input tensor as the model's batch."""
+    max_images, margin = settings.max_images_per_request, settings.input_range_margin
     if len(request.inputs) != 1:
         raise InvalidInputError(
             f"expected exactly one input tensor [N, 3, H, W], got {len(request.inputs)}"
@@ -207,12 +214,16 @@ def _input_batch(
             raise InvalidInputError(
                 f"binary_data_size {size!r} does not match the {len(binary)} bytes of binary data"
             )
-        return decode_tensor(binary, tensor.shape, dtype, runtime.spec, max_images=max_images)
+        return decode_tensor(
+            binary, tensor.shape, dtype, runtime.spec, max_images=max_images, margin=margin
+        )
     if binary:
         raise InvalidInputError("binary data follows the JSON header but no input claims it")
     if tensor.data is None:
         raise InvalidInputError(f"input {tensor.name!r} has neither data nor binary_data_size")
-    return tensor_from_list(tensor.data, tensor.shape, dtype, runtime.spec, max_images=max_images)
+    return tensor_from_list(
+        tensor.data, tensor.shape, dtype, runtime.spec, max_images=max_images, margin=margin
+    )
 
 
 Outputs = dict[str, tuple[str, torch.Tensor | list[str]]]

@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
+import math
 import time
 from typing import Annotated, Any
 
 import pydantic
+import torch
 from fastapi import APIRouter, Query, Request, Response, status
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from models import ModelSpec
 from service.api.deps import AppStateDep, RegistryDep, SettingsDep
 from service.errors import (
+    ForwardError,
     InvalidImageError,
     InvalidInputError,
     PayloadTooLargeError,
@@ -254,6 +259,7 @@ async def run_prediction(
         deadline=loop.time() + settings.request_timeout_s,
     )
     result = await runtime.batcher.submit(request)
+    require_finite(result, entry.info.id)
     registry.record(entry, result.samples, result.signal)
     if result.stored is not None:
         try:
@@ -263,6 +269,25 @@ async def run_prediction(
                 f"the prediction was made but the stream's new state was not saved: {error}"
             ) from None
     return result
+
+
+def require_finite(result: PredictResult, stream_id: str) -> None:
+    """Raise ForwardError if the outputs hold NaN or inf, which JSON would show as ``null``.
+
+    The inputs are bounded and the engine refuses non-finite states, so this should never
+    fire; it makes sure that a response never carries ``null`` (or ``NaN``) probabilities.
+    """
+    drift = result.drift or {}
+    overall = drift.get("overall") or {}
+    summary = [*overall.values(), drift.get("entropy"), drift.get("confidence")]
+    finite = bool(torch.isfinite(result.logits).all()) and all(
+        math.isfinite(value) for value in summary if isinstance(value, float)
+    )
+    if not finite:
+        raise ForwardError(
+            f"the model produced non-finite outputs for stream {stream_id!r}; "
+            "no prediction is returned (reset the stream if this persists)"
+        )
 
 
 def image_prediction(top: TopK, labels: tuple[str, ...]) -> ImagePrediction:
@@ -292,7 +317,7 @@ def _require_media_type(request: Request, accepted: tuple[str, ...]) -> str:
 
 
 async def read_images(
-    request: Request, spec: Any, settings: Settings, shape: str | None, dtype: str | None
+    request: Request, spec: ModelSpec, settings: Settings, shape: str | None, dtype: str | None
 ) -> ImageBatch:
     """The request's images as a batch, whichever of the three body formats it uses."""
     media_type = _require_media_type(
@@ -309,7 +334,13 @@ async def read_images(
             )
         dims = parse_shape(shape)
         data = await request.body()
-        return await asyncio.to_thread(decode_tensor, data, dims, dtype, spec, max_images=limit)
+        return await asyncio.to_thread(
+            functools.partial(decode_tensor, max_images=limit, margin=settings.input_range_margin),
+            data,
+            dims,
+            dtype,
+            spec,
+        )
     if media_type == "application/json":
         raw = await request.body()
         try:
@@ -341,7 +372,7 @@ async def read_images(
         files,
         spec,
         max_bytes=settings.max_image_bytes,
-        max_pixels=settings.max_image_pixels,
+        max_pixels=settings.pixel_limit(spec),
     )
 
 

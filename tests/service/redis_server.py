@@ -64,11 +64,12 @@ def _wait_for_ping(process: subprocess.Popen[bytes], url: str) -> bool:
 
 
 @contextlib.contextmanager
-def running_redis() -> Iterator[str]:
+def running_redis(port: int | None = None) -> Iterator[str]:
     """Run a fresh redis-server on a free loopback port, yield its URL, stop it on exit.
 
     No persistence (`--save ""`, no AOF); its working directory is a temp directory removed on
-    exit. A port taken between choosing and binding is retried on another port.
+    exit. A port taken between choosing and binding is retried on another port; with `port`
+    given (a server that starts late, or again, where a client already points) only that one.
 
     Example:
         >>> with running_redis() as url:  # doctest: +SKIP
@@ -82,12 +83,12 @@ def running_redis() -> Iterator[str]:
         )
     with tempfile.TemporaryDirectory(prefix="tta-redis-") as workdir:
         log_path = Path(workdir) / "redis.log"
-        for _ in range(_START_ATTEMPTS):
-            port = free_port()
-            url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(_START_ATTEMPTS if port is None else 1):
+            chosen = port or free_port()
+            url = f"redis://127.0.0.1:{chosen}/0"
             command = [
                 binary,
-                "--port", str(port),
+                "--port", str(chosen),
                 "--bind", "127.0.0.1",
                 "--save", "",
                 "--appendonly", "no",

@@ -16,15 +16,20 @@ from tests.service.helpers import server_settings
 
 
 def test_main_runs_one_uvicorn_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[Any, dict[str, Any]]] = []
-    monkeypatch.setattr(main.uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    calls: list[Any] = []
+
+    def run(server: Any) -> None:
+        calls.append(server.config)
+        server.started = True
+
+    monkeypatch.setattr(main.uvicorn.Server, "run", run)
     monkeypatch.setattr(main.logging, "basicConfig", lambda **kwargs: None)
     monkeypatch.setenv("TTA_PORT", "9123")
     monkeypatch.setenv("TTA_HOST", "0.0.0.0")
     main.main()
-    ((app, kwargs),) = calls
-    assert kwargs["workers"] == 1 and kwargs["port"] == 9123 and kwargs["host"] == "0.0.0.0"
-    assert app.title == "tta-serve"
+    (config,) = calls
+    assert config.workers == 1 and config.port == 9123 and config.host == "0.0.0.0"
+    assert config.app.title == "tta-serve"
 
 
 def test_unknown_model_fails_start_up(tmp_path: Path, model_cache: Path) -> None:

@@ -44,8 +44,8 @@ MODEL = "cifar10_resnet20"
 
 
 @contextlib.contextmanager
-def local_server(device: str) -> Iterator[str]:
-    """A tta-serve process on a free loopback port (memory store), stopped at exit."""
+def local_server(device: str, store: str = "memory") -> Iterator[str]:
+    """A tta-serve process on a free loopback port, stopped at exit (its data in a temp dir)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -53,7 +53,7 @@ def local_server(device: str) -> Iterator[str]:
         **os.environ,
         "TTA_PORT": str(port),
         "TTA_HOST": "127.0.0.1",
-        "TTA_STORE": "memory",
+        "TTA_STORE": store,
         "TTA_DEVICE": device,
         "TTA_LOG_LEVEL": "warning",
         "TTA_MAX_STREAMS": "4096",

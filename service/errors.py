@@ -3,8 +3,11 @@
 Every error response has the body ``{"error": {"code": ..., "message": ...}}``. Errors raised by
 the service are :class:`ServiceError` subclasses that carry their status and code; errors of the
 core packages (unknown model or adapter, invalid adapter config, mismatching state, full pool,
-store failure) are mapped in :data:`DOMAIN_ERRORS`; FastAPI's own errors (validation, 404 of an
-unknown route, 405) are reshaped to the same body.
+store failure) are mapped in :data:`DOMAIN_ERRORS`; FastAPI's own errors (validation, a body
+that is not JSON, 404 of an unknown route, 405 with its ``Allow`` header) are reshaped to the same
+body. ``/v2`` routes answer ``{"error": "<message>"}`` instead (see :func:`for_route`). The
+OpenAPI document lists each route's errors from here (:mod:`service.api.openapi`): a new error is
+a class (or a :data:`DOMAIN_ERRORS` row) plus its name on the routes that raise it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from adapters import InvalidStateError, StateMismatchError, UnknownAdapterError
 from adapters.pool import PoolFullError, StateMemoryError
@@ -70,6 +74,18 @@ class UnsupportedMediaTypeError(ServiceError):
     """A request body of a content type the route does not accept."""
 
     status, code = 415, "unsupported_media_type"
+
+
+class InvalidRequestError(ServiceError):
+    """A request whose parameters or JSON body do not match the operation's schema."""
+
+    status, code = 422, "invalid_request"
+
+
+class InvalidConfigError(ServiceError):
+    """An adapter config that the adapter's config schema refuses."""
+
+    status, code = 422, "invalid_config"
 
 
 class InvalidStreamIdError(ServiceError):
@@ -164,6 +180,16 @@ DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
 ]
 
 
+def classify(kind: type[Exception]) -> tuple[int, str]:
+    """The status and code that an error type is answered with (500 for unknown types)."""
+    if issubclass(kind, ServiceError):
+        return kind.status, kind.code
+    for base, status, code in DOMAIN_ERRORS:
+        if issubclass(kind, base):
+            return status, code
+    return 500, "internal_error"
+
+
 def error_body(code: str, message: str) -> dict[str, Any]:
     """The JSON body of every error response."""
     return {"error": {"code": code, "message": message}}
@@ -192,25 +218,29 @@ def to_response(error: Exception) -> JSONResponse:
         return error_response(error.status, error.code, error.message, error.headers)
     if isinstance(error, pydantic.ValidationError):
         message = f"invalid {error.title} config: {describe_validation(error.errors())}"
-        return error_response(422, "invalid_config", message)
-    for kind, status, code in DOMAIN_ERRORS:
-        if isinstance(error, kind):
-            headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
-            return error_response(status, code, str(error), headers)
-    logger.error("unhandled error", exc_info=error)
-    return error_response(500, "internal_error", f"internal error: {type(error).__name__}")
+        return to_response(InvalidConfigError(message))
+    status, code = classify(type(error))
+    if code == "internal_error":
+        logger.error("unhandled error", exc_info=error)
+        return error_response(status, code, f"internal error: {type(error).__name__}")
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return error_response(status, code, str(error), headers)
 
 
+# Codes of the HTTP errors raised by FastAPI and Starlette (a body that is not JSON is a 400).
 _HTTP_CODES = {
-    400: "bad_request",
+    400: InvalidInputError.code,
     404: "not_found",
     405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
+    413: PayloadTooLargeError.code,
+    415: UnsupportedMediaTypeError.code,
 }
 
 
 OIP_PREFIX = "/v2"
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+# Headers of an error that the OIP reshaping keeps (the others describe the v1 body).
+_KEPT_HEADERS = ("retry-after", "allow")
 
 
 def for_route(request: Request, response: JSONResponse) -> JSONResponse:
@@ -222,8 +252,26 @@ def for_route(request: Request, response: JSONResponse) -> JSONResponse:
     if not request.url.path.startswith(OIP_PREFIX):
         return response
     message = json.loads(bytes(response.body))["error"]["message"]
-    headers = {k: v for k, v in response.headers.items() if k.lower() == "retry-after"}
+    headers = {k: v for k, v in response.headers.items() if k.lower() in _KEPT_HEADERS}
     return JSONResponse({"error": message}, status_code=response.status_code, headers=headers)
+
+
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` header of a 405: every method that some route serves at this path.
+
+    Starlette's own 405 names only the first matching route's methods, but one path is often
+    served by several routes (GET and DELETE ``/v1/streams/{stream_id}``), so each method is
+    tried against every route.
+    """
+    allowed = [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -235,12 +283,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_validation(request: Request, error: Exception) -> JSONResponse:
         errors = cast(RequestValidationError, error).errors()
         message = describe_validation(list(errors))
-        return for_route(request, error_response(422, "invalid_request", message))
+        return for_route(request, to_response(InvalidRequestError(message)))
 
     async def on_http(request: Request, error: Exception) -> JSONResponse:
         http = cast(StarletteHTTPException, error)
         code = _HTTP_CODES.get(http.status_code, "http_error")
-        response = error_response(http.status_code, code, str(http.detail), http.headers)
+        headers = dict(http.headers or {})
+        if http.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
+        response = error_response(http.status_code, code, str(http.detail), headers)
         return for_route(request, response)
 
     app.add_exception_handler(RequestValidationError, on_validation)

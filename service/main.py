@@ -23,12 +23,14 @@ from fastapi import FastAPI
 from service.api import catalog, oip, streams
 from service.api import metrics as metrics_api
 from service.api.deps import AppState
+from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.health import StoreHealth
 from service.metrics import Metrics, TroubleThresholds
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.runtime import load_runtime, resolve_device
 from service.scheduler import Batcher
+from service.schemas import Base64Images
 from service.settings import Settings
 from service.stores import StateStore, StoreError, create_store
 from service.streams import StoreWriter, StreamRegistry
@@ -68,6 +70,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.include_router(catalog.adapters_router, prefix="/v1/adapters")
     app.include_router(oip.router)
     app.include_router(metrics_api.router)
+    install_openapi(app, [Base64Images, oip.InferRequest, oip.InferResponse])
     return app
 
 

@@ -1,4 +1,9 @@
-"""Request and response bodies of the v1 API (``XCreate`` / ``XPublic`` / ``XsPublic``)."""
+"""Request and response bodies of the v1 API (``XCreate`` / ``XPublic`` / ``XsPublic``), and the
+error bodies of both APIs.
+
+The examples are those of the OpenAPI document; the stream id and image in them are real (a
+stream ``cam-1`` and a 32x32 PNG), so a client can send them as they are.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,75 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.streams import STREAM_ID
 
+# The longest TTL a stream may have: a year. Longer is as good as none (omit it).
+MAX_TTL_S = 366 * 24 * 3600.0
+EXAMPLE_STREAM_ID = "cam-1"
+# A 32x32 PNG (one colour), base64-encoded: a valid image for the example requests.
+EXAMPLE_PNG_BASE64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAAK0lEQVR42u3NQQEAQAQAMC61OOKIdSX4bQWW1ROX"
+    "XhwTCAQCgUAgEAgEWz5JeAIgOfH9hQAAAABJRU5ErkJggg=="
+)
+STREAM_ID_DESCRIPTION = (
+    f"stream id: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+    f"({STREAM_ID.pattern})"
+)
+
+
+EXAMPLE_STREAM: dict[str, Any] = {
+    "id": EXAMPLE_STREAM_ID,
+    "model": "cifar10_resnet20",
+    "adapter": "adabn",
+    "config": {"prior_images": 0.0, "window": None},
+    "seed": 790830303792131887,
+    "created_at": 1796228572.14,
+    "ttl_seconds": 3600.0,
+    "samples": 0,
+}
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable code for programs, a message for people."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(description="stable machine-readable code, e.g. stream_not_found")
+    message: str = Field(description="what went wrong, in words")
+
+
+class ErrorPublic(BaseModel):
+    """The body of every error response of the v1 API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+
+
+class OipError(BaseModel):
+    """The body of every error response of the Open Inference Protocol (``/v2``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: str = Field(description="what went wrong, in words")
+
 
 class StreamCreate(BaseModel):
     """A new stream: which model and adapter, the adapter's config, an optional id and TTL."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"id": EXAMPLE_STREAM_ID, "adapter": "adabn", "ttl_seconds": 3600},
+                {"adapter": "alpha_bn", "config": {"alpha": 0.2}},
+            ]
+        },
+    )
 
+    # The pattern is documented here and checked by the registry (422 invalid_stream_id).
     id: str | None = Field(
-        default=None, description=f"stream id ({STREAM_ID.pattern}); generated when absent"
+        default=None,
+        description=f"{STREAM_ID_DESCRIPTION}; generated when absent",
+        json_schema_extra={"pattern": STREAM_ID.pattern},
     )
     model: str | None = Field(default=None, description="served model (default: the first served)")
     adapter: str | None = Field(
@@ -25,13 +91,21 @@ class StreamCreate(BaseModel):
         default=None,
         description="adapter config (its JSON schema); without an adapter, the server's default",
     )
+    # Strict: a JSON true is not 1 second, and Infinity or 1e309 is not a TTL.
     ttl_seconds: float | None = Field(
-        default=None, gt=0, description="delete the stream after this long idle (default: server's)"
+        default=None,
+        gt=0,
+        le=MAX_TTL_S,
+        strict=True,
+        allow_inf_nan=False,
+        description="delete the stream after this long idle, in seconds (default: server's)",
     )
 
 
 class StreamPublic(BaseModel):
     """A stream as the API shows it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_STREAM]})
 
     id: str
     model: str
@@ -45,6 +119,12 @@ class StreamPublic(BaseModel):
 
 class StreamsPublic(BaseModel):
     """A page of streams, sorted by id."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"data": [EXAMPLE_STREAM], "count": 1, "offset": 0, "limit": 100}]
+        }
+    )
 
     data: list[StreamPublic]
     count: int = Field(description="all streams, not only this page")
@@ -82,6 +162,38 @@ class DriftSummary(BaseModel):
 class PredictResponse(BaseModel):
     """Predictions for a request's images, in order, and the stream's state after it."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "stream_id": EXAMPLE_STREAM_ID,
+                    "model": "cifar10_resnet20",
+                    "adapter": "adabn",
+                    "adapted": True,
+                    "samples": 1,
+                    "predictions": [
+                        {
+                            "label": "cat",
+                            "index": 3,
+                            "probability": 0.326,
+                            "top_k": [
+                                {"label": "cat", "index": 3, "probability": 0.326},
+                                {"label": "bird", "index": 2, "probability": 0.182},
+                            ],
+                        }
+                    ],
+                    "source_predictions": None,
+                    "drift": {
+                        "images": 1.0,
+                        "overall": {"jeffreys": 9.58, "w2n": 0.206, "hellinger": 0.066},
+                        "entropy": 1.97,
+                        "confidence": 0.326,
+                    },
+                }
+            ]
+        }
+    )
+
     stream_id: str
     model: str
     adapter: str
@@ -97,7 +209,9 @@ class PredictResponse(BaseModel):
 class Base64Images(BaseModel):
     """Images in a JSON body, each a base64-encoded JPEG, PNG or WebP file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"images": [EXAMPLE_PNG_BASE64]}]}
+    )
 
     images: list[str] = Field(min_length=1, description="base64-encoded image files")
 
@@ -127,6 +241,30 @@ class ModelPublic(BaseModel):
 class ModelsPublic(BaseModel):
     """The served models."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": [
+                        {
+                            "name": "cifar10_resnet20",
+                            "architecture": "cifar_resnet20",
+                            "input_size": [32, 32],
+                            "mean": [0.485, 0.456, 0.406],
+                            "std": [0.229, 0.224, 0.225],
+                            "labels": [
+                                *("airplane", "automobile", "bird", "cat", "deer"),
+                                *("dog", "frog", "horse", "ship", "truck"),
+                            ],
+                            "device": "cpu",
+                            "ready": True,
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
     data: list[ModelPublic]
 
 
@@ -140,5 +278,26 @@ class AdapterPublic(BaseModel):
 
 class AdaptersPublic(BaseModel):
     """The registered adapters."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "data": [
+                        {
+                            "name": "alpha_bn",
+                            "description": "alpha-BN: a convex mix of source and batch statistics",
+                            "config_schema": {
+                                "properties": {
+                                    "alpha": {"type": "number", "minimum": 0, "maximum": 1}
+                                },
+                                "type": "object",
+                            },
+                        }
+                    ]
+                }
+            ]
+        }
+    )
 
     data: list[AdapterPublic]

@@ -10,7 +10,21 @@ from service.api.deps import AppStateDep
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {
+                "text/plain": {
+                    "schema": {"type": "string"},
+                    "example": '# TYPE tta_streams gauge\ntta_streams{model="cifar10_resnet20"} 1',
+                }
+            },
+        }
+    },
+)
 async def metrics(state: AppStateDep) -> Response:
     """Every metric of this app (its own registry)."""
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -23,16 +23,23 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters import InvalidStateError
 from service.api.deps import AppStateDep, RegistryDep
+from service.api.openapi import LOADED_STREAM_ERRORS, REGISTRY_ERRORS, ref, v2_errors
 from service.api.streams import run_prediction
 from service.errors import (
+    DeadlineExceededError,
+    ForwardError,
     InvalidInputError,
     InvalidTensorError,
     ModelNotServedError,
+    PayloadTooLargeError,
+    QueueFullError,
     describe_validation,
 )
 from service.imaging import ImageBatch, decode_tensor, tensor_from_list
 from service.runtime import ModelRuntime
+from service.schemas import EXAMPLE_STREAM_ID
 from service.settings import Settings
 
 router = APIRouter(tags=["open inference protocol"])
@@ -63,7 +70,26 @@ class RequestedOutput(BaseModel):
 class InferRequest(BaseModel):
     """An OIP v2 inference request."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "42",
+                    "parameters": {"stream_id": EXAMPLE_STREAM_ID},
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "shape": [1, 3, 32, 32],
+                            "datatype": "UINT8",
+                            "data": [128] * (3 * 32 * 32),
+                        }
+                    ],
+                    "outputs": [{"name": "label"}],
+                }
+            ]
+        },
+    )
 
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -71,20 +97,160 @@ class InferRequest(BaseModel):
     outputs: list[RequestedOutput] | None = None
 
 
+class InferOutput(BaseModel):
+    """An output tensor: its values as JSON ``data``, or its size in the binary part."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class InferResponse(BaseModel):
+    """An OIP v2 inference response (its JSON part, with binary outputs)."""
+
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "42",
+                    "model_name": "cifar10_resnet20",
+                    "model_version": VERSION,
+                    "parameters": {"stream_id": EXAMPLE_STREAM_ID, "samples": 1},
+                    "outputs": [
+                        {"name": "label", "datatype": "BYTES", "shape": [1], "data": ["cat"]}
+                    ],
+                }
+            ]
+        },
+    )
+
+    id: str | None = None
+    model_name: str
+    model_version: str
+    parameters: dict[str, Any] = Field(description="the stream and its adapted images")
+    outputs: list[InferOutput]
+
+
+class ServerMetadata(BaseModel):
+    """The server's name, version and protocol extensions."""
+
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Liveness(BaseModel):
+    """Whether the process is up."""
+
+    live: bool
+
+
+class Readiness(BaseModel):
+    """Whether the server takes inference requests."""
+
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    """A model input or output: name, datatype, shape (-1: any size)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    """A model's inputs, outputs and preprocessing."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any] = Field(description="labels, input datatypes, mean and std")
+
+
+class ModelReadiness(BaseModel):
+    """Whether a model is ready."""
+
+    name: str
+    ready: bool
+
+
+StreamIdHeader = Annotated[
+    str | None,
+    Header(description="the stream, when the request's parameters.stream_id does not name it"),
+]
+MODEL_ERRORS = (*REGISTRY_ERRORS, ModelNotServedError)
+INFER_ERRORS = (
+    *MODEL_ERRORS,
+    *LOADED_STREAM_ERRORS,
+    InvalidStateError,
+    PayloadTooLargeError,
+    InvalidInputError,
+    InvalidTensorError,
+    QueueFullError,
+    DeadlineExceededError,
+    ForwardError,
+)
+_INFER_DOC: dict[str, Any] = {
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "description": (
+                "JSON, or with the binary tensor extension: the JSON header "
+                "(Inference-Header-Content-Length bytes) followed by the raw input tensor."
+            ),
+            "content": {
+                "application/json": {"schema": ref(InferRequest)},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+    "response_class": Response,
+    "responses": {
+        200: {
+            "description": "JSON, or the JSON header followed by binary outputs",
+            "content": {
+                "application/json": {"schema": ref(InferResponse)},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **v2_errors(*INFER_ERRORS),
+    },
+}
+
+
 @router.get("/v2")
-async def server_metadata() -> dict[str, Any]:
+async def server_metadata() -> ServerMetadata:
     """Server metadata: name, version and the protocol extensions supported."""
-    return {"name": "tta-serve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+    return ServerMetadata(name="tta-serve", version="0.1.0", extensions=["binary_tensor_data"])
 
 
-@router.get("/v2/health/live")
+@router.get(
+    "/v2/health/live",
+    response_model=Liveness,
+    responses={503: {"model": Liveness, "description": "the start-up failed; the process exits"}},
+)
 async def live(state: AppStateDep) -> JSONResponse:
     """200 while the process is up, also while it starts; 503 once its start-up has failed."""
     is_live = state.start_error is None
     return JSONResponse({"live": is_live}, status_code=200 if is_live else 503)
 
 
-@router.get("/v2/health/ready")
+@router.get(
+    "/v2/health/ready",
+    response_model=Readiness,
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "starting, waiting for the state store, or shutting down",
+        }
+    },
+)
 async def ready(state: AppStateDep) -> JSONResponse:
     """200 once every model is loaded and streams are restored, while the state store answers
     (a ping at most once a second); 503 before, while the store is unreachable, and at shutdown.
@@ -95,7 +261,7 @@ async def ready(state: AppStateDep) -> JSONResponse:
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.get("/v2/models/{model}")
+@router.get("/v2/models/{model}", response_model=ModelMetadata, responses=v2_errors(*MODEL_ERRORS))
 async def model_metadata(model: str, registry: RegistryDep) -> dict[str, Any]:
     """The model's inputs and outputs."""
     runtime = registry.runtime(model)
@@ -122,28 +288,22 @@ async def model_metadata(model: str, registry: RegistryDep) -> dict[str, Any]:
     }
 
 
-@router.get("/v2/models/{model}/ready")
+@router.get(
+    "/v2/models/{model}/ready", response_model=ModelReadiness, responses=v2_errors(*MODEL_ERRORS)
+)
 async def model_ready(model: str, registry: RegistryDep) -> dict[str, Any]:
     """Whether the model is ready (it is, once served and the server is ready)."""
     registry.runtime(model)
     return {"name": model, "ready": True}
 
 
-@router.post(
-    "/v2/models/{model}/infer",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
-        }
-    },
-)
+@router.post("/v2/models/{model}/infer", **_INFER_DOC)
 async def infer(
     model: str,
     request: Request,
     registry: RegistryDep,
     state: AppStateDep,
-    x_stream_id: Annotated[str | None, Header()] = None,
+    x_stream_id: StreamIdHeader = None,
 ) -> Response:
     """Predict (and adapt) a stream's batch; the body is an OIP v2 inference request."""
     runtime = registry.runtime(model)
@@ -163,13 +323,24 @@ async def infer(
     adapt = infer_request.parameters.get("adapt", True)
     if not isinstance(adapt, bool):
         raise InvalidInputError("parameters.adapt must be true or false")
+    # Every check comes before the prediction: a refused request must not adapt the stream.
+    wanted = _wanted_outputs(infer_request)
     images = _input_batch(infer_request, binary, runtime, state.settings)
     state.metrics.stage_latency.labels(model, "decode").observe(time.perf_counter() - started)
     result = await run_prediction(
         registry, entry, images, state.settings, adapt=adapt, top_k=1, drift=False
     )
     outputs = _outputs(result.logits, runtime)
-    return _respond(infer_request, model, stream_id, result.samples, outputs)
+    return _respond(infer_request, wanted, model, stream_id, result.samples, outputs)
+
+
+def _wanted_outputs(request: InferRequest) -> list[RequestedOutput]:
+    """The outputs the request asks for (all by default); InvalidInputError for unknown ones."""
+    wanted = request.outputs or [RequestedOutput(name=name) for name in OUTPUTS]
+    for output in wanted:
+        if output.name not in OUTPUTS:
+            raise InvalidInputError(f"unknown output {output.name!r}; valid: {', '.join(OUTPUTS)}")
+    return wanted
 
 
 def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
@@ -244,13 +415,13 @@ def _outputs(logits: torch.Tensor, runtime: ModelRuntime) -> Outputs:
 
 def _respond(
     request: InferRequest,
+    wanted: list[RequestedOutput],
     model: str,
     stream_id: str,
     samples: int,
     outputs: Outputs,
 ) -> Response:
     """The OIP response, JSON or JSON + binary outputs."""
-    wanted = request.outputs or [RequestedOutput(name=name) for name in OUTPUTS]
     binary_default = bool(request.parameters.get("binary_data_output", False))
     body: dict[str, Any] = {
         "model_name": model,
@@ -262,8 +433,6 @@ def _respond(
         body["id"] = request.id
     chunks: list[bytes] = []
     for output in wanted:
-        if output.name not in outputs:
-            raise InvalidInputError(f"unknown output {output.name!r}; valid: {', '.join(OUTPUTS)}")
         datatype, values = outputs[output.name]
         shape = list(values.shape) if isinstance(values, torch.Tensor) else [len(values)]
         entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}
@@ -302,28 +471,36 @@ def _check_version(version: str) -> None:
         raise ModelNotServedError(f"model version {version!r} does not exist; versions: {VERSION}")
 
 
-@router.get("/v2/models/{model}/versions/{version}")
+@router.get(
+    "/v2/models/{model}/versions/{version}",
+    response_model=ModelMetadata,
+    responses=v2_errors(*MODEL_ERRORS),
+)
 async def model_version_metadata(model: str, version: str, registry: RegistryDep) -> dict[str, Any]:
     """The model's metadata, for its version."""
     _check_version(version)
     return await model_metadata(model, registry)
 
 
-@router.get("/v2/models/{model}/versions/{version}/ready")
+@router.get(
+    "/v2/models/{model}/versions/{version}/ready",
+    response_model=ModelReadiness,
+    responses=v2_errors(*MODEL_ERRORS),
+)
 async def model_version_ready(model: str, version: str, registry: RegistryDep) -> dict[str, Any]:
     """Whether the model version is ready."""
     _check_version(version)
     return await model_ready(model, registry)
 
 
-@router.post("/v2/models/{model}/versions/{version}/infer")
+@router.post("/v2/models/{model}/versions/{version}/infer", **_INFER_DOC)
 async def infer_version(
     model: str,
     version: str,
     request: Request,
     registry: RegistryDep,
     state: AppStateDep,
-    x_stream_id: Annotated[str | None, Header()] = None,
+    x_stream_id: StreamIdHeader = None,
 ) -> Response:
     """Inference on the model version (see ``/v2/models/{model}/infer``)."""
     _check_version(version)

@@ -12,18 +12,37 @@ from typing import Annotated, Any
 
 import pydantic
 import torch
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from adapters import InvalidStateError, StateMismatchError, UnknownAdapterError
+from adapters.pool import StateMemoryError
 from models import ModelSpec
 from service.api.deps import AppStateDep, RegistryDep, SettingsDep
+from service.api.openapi import (
+    LOADED_STREAM_ERRORS,
+    REGISTRY_ERRORS,
+    RESIDENT_STREAM_ERRORS,
+    STREAM_ERRORS,
+    ref,
+    v1_errors,
+)
 from service.errors import (
+    CapacityError,
+    DeadlineExceededError,
     ForwardError,
+    InvalidConfigError,
     InvalidImageError,
     InvalidInputError,
+    InvalidRequestError,
+    InvalidStreamIdError,
+    InvalidTensorError,
+    ModelNotServedError,
     PayloadTooLargeError,
+    QueueFullError,
     StoreUnavailableError,
+    StreamExistsError,
     UnavailableError,
     UnsupportedMediaTypeError,
     describe_validation,
@@ -32,6 +51,8 @@ from service.imaging import ImageBatch, decode_images, decode_tensor, parse_shap
 from service.predictions import PredictRequest, PredictResult, TopK
 from service.runtime import ModelRuntime
 from service.schemas import (
+    EXAMPLE_STREAM_ID,
+    STREAM_ID_DESCRIPTION,
     Base64Images,
     ClassScore,
     DriftSummary,
@@ -43,29 +64,69 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.stores import StoreError
-from service.streams import StreamEntry, StreamRegistry
+from service.streams import STREAM_ID, StreamEntry, StreamRegistry
 
 router = APIRouter(tags=["streams"])
 
 OCTET_STREAM = "application/octet-stream"
+BINARY = {"type": "string", "format": "binary"}
+
+# The pattern is documented here and checked by the registry (422 invalid_stream_id).
+StreamIdPath = Annotated[
+    str,
+    Path(
+        description=STREAM_ID_DESCRIPTION,
+        examples=[EXAMPLE_STREAM_ID],
+        json_schema_extra={"pattern": STREAM_ID.pattern},
+    ),
+]
+
+# A body that is read under the body limit (413) and must be of an accepted type (415).
+BODY_ERRORS = (PayloadTooLargeError, UnsupportedMediaTypeError, InvalidInputError)
+PREDICT_ERRORS = (
+    *LOADED_STREAM_ERRORS,
+    InvalidStateError,
+    *BODY_ERRORS,
+    InvalidRequestError,
+    InvalidImageError,
+    InvalidTensorError,
+    QueueFullError,
+    DeadlineExceededError,
+    ForwardError,
+)
+
+# A drift report (shortened to two BN layers; a real one has one value per layer).
+DRIFT_EXAMPLE = {
+    "images": 1.0,
+    "layers": {"jeffreys": [173.4, 1.5], "w2n": [1.66, 0.23], "hellinger": [0.52, 0.09]},
+    "early": {"jeffreys": 29.6, "w2n": 0.42, "hellinger": 0.14},
+    "late": {"jeffreys": 0.34, "w2n": 0.1, "hellinger": 0.03},
+    "overall": {"jeffreys": 9.58, "w2n": 0.21, "hellinger": 0.07},
+    "entropy": 1.97,
+    "confidence": 0.33,
+    "class_frequencies": [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+}
 
 _PREDICT_BODY = {
     "requestBody": {
         "required": True,
+        "description": (
+            "One of three formats: image files (multipart, field `images`, repeated), JSON with "
+            "base64-encoded image files, or a raw tensor [N, 3, H, W] of uint8 pixels or "
+            "normalised float32 values (`application/octet-stream`, little-endian, with the "
+            "`shape` and `dtype` query parameters or the `X-Tensor-Shape` / `X-Tensor-Dtype` "
+            "headers)."
+        ),
         "content": {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "properties": {
-                        "images": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                        }
-                    },
+                    "properties": {"images": {"type": "array", "items": BINARY}},
+                    "required": ["images"],
                 },
             },
-            "application/json": {"schema": Base64Images.model_json_schema()},
-            OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": ref(Base64Images)},
+            OCTET_STREAM: {"schema": BINARY},
         },
     }
 }
@@ -86,7 +147,24 @@ def stream_public(entry: StreamEntry) -> StreamPublic:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses=v1_errors(
+        *REGISTRY_ERRORS,
+        PayloadTooLargeError,
+        InvalidInputError,
+        InvalidRequestError,
+        InvalidStreamIdError,
+        StreamExistsError,
+        ModelNotServedError,
+        UnknownAdapterError,
+        InvalidConfigError,
+        CapacityError,
+        StateMemoryError,
+        StoreUnavailableError,
+    ),
+)
 async def create_stream(
     body: StreamCreate, registry: RegistryDep, settings: SettingsDep
 ) -> StreamPublic:
@@ -100,7 +178,7 @@ async def create_stream(
     return stream_public(entry)
 
 
-@router.get("")
+@router.get("", responses=v1_errors(*REGISTRY_ERRORS, InvalidRequestError))
 async def list_streams(
     registry: RegistryDep,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -113,14 +191,16 @@ async def list_streams(
     )
 
 
-@router.get("/{stream_id}")
-async def read_stream(stream_id: str, registry: RegistryDep) -> StreamPublic:
+@router.get("/{stream_id}", responses=v1_errors(*STREAM_ERRORS))
+async def read_stream(stream_id: StreamIdPath, registry: RegistryDep) -> StreamPublic:
     """One stream (reading it does not count as use for its TTL)."""
     return stream_public(await registry.find(stream_id, touch=False))
 
 
-@router.delete("/{stream_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_stream(stream_id: str, registry: RegistryDep) -> Response:
+@router.delete(
+    "/{stream_id}", status_code=status.HTTP_204_NO_CONTENT, responses=v1_errors(*STREAM_ERRORS)
+)
+async def delete_stream(stream_id: StreamIdPath, registry: RegistryDep) -> Response:
     """Delete a stream and its stored state: both, or neither.
 
     Done once the store confirms it; if the store is down the answer is 503
@@ -130,8 +210,8 @@ async def delete_stream(stream_id: str, registry: RegistryDep) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{stream_id}/reset")
-async def reset_stream(stream_id: str, registry: RegistryDep) -> StreamPublic:
+@router.post("/{stream_id}/reset", responses=v1_errors(*RESIDENT_STREAM_ERRORS))
+async def reset_stream(stream_id: StreamIdPath, registry: RegistryDep) -> StreamPublic:
     """Give the stream back its initial state (its stored state is not loaded for it).
 
     With ``durability=sync`` the reset stands only once stored: a store failure answers 503
@@ -144,9 +224,12 @@ async def reset_stream(stream_id: str, registry: RegistryDep) -> StreamPublic:
 @router.get(
     "/{stream_id}/state",
     response_class=Response,
-    responses={200: {"content": {OCTET_STREAM: {}}, "description": "safetensors state"}},
+    responses={
+        200: {"content": {OCTET_STREAM: {"schema": BINARY}}, "description": "safetensors state"},
+        **v1_errors(*LOADED_STREAM_ERRORS),
+    },
 )
-async def export_state(stream_id: str, registry: RegistryDep) -> Response:
+async def export_state(stream_id: StreamIdPath, registry: RegistryDep) -> Response:
     """The stream's state: safetensors with JSON metadata (model, adapter, config, seed)."""
     data = await registry.export_state(stream_id)
     return Response(
@@ -161,11 +244,16 @@ async def export_state(stream_id: str, registry: RegistryDep) -> Response:
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}},
+            "content": {OCTET_STREAM: {"schema": BINARY}},
         }
     },
+    responses=v1_errors(
+        *RESIDENT_STREAM_ERRORS, *BODY_ERRORS, StateMismatchError, InvalidStateError
+    ),
 )
-async def import_state(stream_id: str, request: Request, registry: RegistryDep) -> StreamPublic:
+async def import_state(
+    stream_id: StreamIdPath, request: Request, registry: RegistryDep
+) -> StreamPublic:
     """Replace the stream's state by an exported one of the same model, adapter and config.
 
     Refused with 422 (``state_mismatch``, or ``invalid_state`` for values that are not finite or
@@ -180,15 +268,23 @@ async def import_state(stream_id: str, request: Request, registry: RegistryDep) 
     return stream_public(await registry.import_state(stream_id, data))
 
 
-@router.get("/{stream_id}/drift")
-async def read_drift(stream_id: str, registry: RegistryDep) -> dict[str, Any]:
+@router.get(
+    "/{stream_id}/drift",
+    responses={
+        200: {"content": {"application/json": {"example": DRIFT_EXAMPLE}}},
+        **v1_errors(*LOADED_STREAM_ERRORS),
+    },
+)
+async def read_drift(stream_id: StreamIdPath, registry: RegistryDep) -> dict[str, Any]:
     """The stream's full drift report: per-layer divergences, summaries, prediction stats."""
     return await registry.drift(stream_id)
 
 
-@router.post("/{stream_id}/predict", openapi_extra=_PREDICT_BODY)
+@router.post(
+    "/{stream_id}/predict", openapi_extra=_PREDICT_BODY, responses=v1_errors(*PREDICT_ERRORS)
+)
 async def predict(
-    stream_id: str,
+    stream_id: StreamIdPath,
     request: Request,
     registry: RegistryDep,
     state: AppStateDep,
@@ -196,8 +292,14 @@ async def predict(
     adapt: Annotated[bool, Query(description="update the stream's statistics")] = True,
     source: Annotated[bool, Query(description="also return the unadapted prediction")] = False,
     drift: Annotated[bool, Query(description="include the stream's drift summary")] = True,
-    shape: Annotated[str | None, Query(description="raw tensor shape, e.g. 4,3,32,32")] = None,
-    dtype: Annotated[str | None, Query(description="raw tensor dtype: uint8 or float32")] = None,
+    shape: Annotated[
+        str | None,
+        Query(description="raw tensor shape N,3,H,W (octet-stream bodies)", examples=["1,3,32,32"]),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        Query(description="raw tensor dtype: uint8 (default) or float32 (octet-stream bodies)"),
+    ] = None,
 ) -> PredictResponse:
     """Predict a batch of images with the stream's adapted statistics, adapting it to them.
 

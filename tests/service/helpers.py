@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load as load_tensors
 
 from adapters.engine import Engine
+from bench.fuzz import snapshot as snapshot  # the fuzz harness compares states the same way
 from models import create_model, normalize
 from service.main import create_app
 from service.settings import Settings
@@ -136,16 +137,3 @@ def normalized(pixels: np.ndarray) -> torch.Tensor:
 def tensors(state: bytes) -> dict[str, torch.Tensor]:
     """The tensors of an exported state."""
     return load_tensors(state)
-
-
-def snapshot(client: httpx.Client) -> dict[str, bytes]:
-    """Every stream's exported state, by id."""
-    ids = []
-    offset = 0
-    while True:
-        page = client.get("/v1/streams", params={"offset": offset, "limit": 1000}).json()
-        ids += [stream["id"] for stream in page["data"]]
-        offset += len(page["data"])
-        if offset >= page["count"] or not page["data"]:
-            break
-    return {sid: client.get(f"/v1/streams/{sid}/state").content for sid in ids}

@@ -231,3 +231,28 @@ def test_metrics_are_exposed_and_parse(client: httpx.Client) -> None:
     assert sorted(s.labels["depth"] for s in drift) == ["early", "early", "late", "late"]
     (info,) = families["tta_model_info"].samples
     assert info.labels["model"] == MODEL and info.labels["device"] == "cpu"
+
+
+def test_an_unknown_output_is_refused_before_the_stream_adapts(client: httpx.Client) -> None:
+    client.post("/v1/streams", json={"id": "oip-outputs", "adapter": "adabn"})
+    before = client.get("/v1/streams/oip-outputs/state").content
+    pixels = random_pixels(1, 3).transpose(0, 3, 1, 2)
+    body = {
+        "parameters": {"stream_id": "oip-outputs"},
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 3, 32, 32],
+                "datatype": "UINT8",
+                "data": pixels.ravel().tolist(),
+            }
+        ],
+        "outputs": [{"name": "embedding"}],
+    }
+    response = client.post(INFER, json=body)
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "unknown output 'embedding'; valid: logits, probabilities, class_index, label"
+    }
+    assert client.get("/v1/streams/oip-outputs/state").content == before
+    assert client.get("/v1/streams/oip-outputs").json()["samples"] == 0

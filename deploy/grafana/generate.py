@@ -507,14 +507,15 @@ def fleet_drift() -> dict[str, Any]:
             "Early-layer drift distribution",
             "How many streams have each early-layer drift (symmetric KL between the stream's and "
             "the source's BN statistics, first half of the layers). Mass moving up = inputs "
-            "shifting; the trouble threshold is TTA_TROUBLE_DRIFT.",
+            "shifting; the trouble threshold is TTA_TROUBLE_DRIFT_EARLY.",
             f'sum by (le) (tta_fleet_stream_drift_bucket{{{model}, depth="early"}})',
             unit="short",
         ),
         heatmap(
             "Late-layer drift distribution",
             "The same for the second half of the BN layers. Late drift without early drift is a "
-            "change of content (other classes, other scenes) rather than of pixels.",
+            "change of content (other classes, other scenes) rather than of pixels; the trouble "
+            "threshold is TTA_TROUBLE_DRIFT_LATE.",
             f'sum by (le) (tta_fleet_stream_drift_bucket{{{model}, depth="late"}})',
             unit="short",
         ),
@@ -555,9 +556,10 @@ def fleet_drift() -> dict[str, Any]:
         row("Top-K streams by severity"),
         table(
             "Top-K streams",
-            "The K streams with the highest severity (a combination of drift, entropy and "
-            "collapse signals, docs/metrics.md). 'stale s' is the time since the stream's last "
-            "adapted forward: a large value means the numbers are old, not current.",
+            "The K streams with the highest severity: 2 and above = predictions in trouble "
+            "(high entropy or collapse), 1 to 2 = only drift in trouble, below 1 = fine "
+            "(docs/metrics.md). 'stale s' is the time since the stream's last adapted forward: a "
+            "large value means the numbers are old, not current.",
             {
                 "severity": top("tta_stream_severity", model),
                 "drift early": top("tta_stream_drift", f'{model}, depth="early"'),
@@ -588,8 +590,9 @@ def stream_detail() -> dict[str, Any]:
     panels = [
         stat(
             "Severity and staleness",
-            "The stream's severity (what ranks it in the top-K) and the seconds since its last "
-            "adapted forward: a stale stream shows old numbers.",
+            "The stream's severity (2+: predictions in trouble, 1-2: drift only, below 1: "
+            "fine), the seconds since its last adapted forward (a stale stream shows old "
+            "numbers) and the images it adapted to.",
             [
                 target(f"tta_stream_severity{{{one}}}", "severity"),
                 target(f"time() - tta_stream_last_update_timestamp_seconds{{{one}}}", "stale s"),
@@ -605,7 +608,8 @@ def stream_detail() -> dict[str, Any]:
             "alone = the content changed.",
             [
                 target(f"tta_stream_drift{{{one}}}", "{{depth}}"),
-                target('tta_trouble_threshold{signal="drift"}', "threshold"),
+                target('tta_trouble_threshold{signal="drift_early"}', "early threshold"),
+                target('tta_trouble_threshold{signal="drift_late"}', "late threshold"),
             ],
             width=12,
         ),
@@ -616,7 +620,7 @@ def stream_detail() -> dict[str, Any]:
             [
                 target(f"tta_stream_entropy{{{one}}}", "entropy"),
                 target(f"tta_stream_confidence{{{one}}}", "confidence"),
-                target('tta_trouble_threshold{signal="high_entropy"}', "entropy threshold"),
+                target('tta_trouble_threshold{signal="entropy_high"}', "entropy threshold"),
             ],
             unit="percentunit",
             width=12,
@@ -628,15 +632,15 @@ def stream_detail() -> dict[str, Any]:
             "the stream really shows one class).",
             [
                 target(f"tta_stream_dominant_class_share{{{one}}}", "top class share"),
-                target('tta_trouble_threshold{signal="dominant_class_share"}', "threshold"),
+                target('tta_trouble_threshold{signal="dominant_share"}', "threshold"),
             ],
             unit="percentunit",
             width=12,
         ),
         timeseries(
             "Samples and severity",
-            "Images the stream's observer has seen (the signals are noisy below a few dozen) and "
-            "its severity over time.",
+            "Images the stream adapted to in total, and its severity over time. No stream is in "
+            "trouble before its observer holds TTA_TROUBLE_MIN_IMAGES images.",
             [
                 target(f"tta_stream_samples{{{one}}}", "samples"),
                 target(f"tta_stream_severity{{{one}}}", "severity"),

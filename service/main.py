@@ -20,7 +20,7 @@ from service.api import catalog, oip, streams
 from service.api import metrics as metrics_api
 from service.api.deps import AppState
 from service.errors import install_error_handlers
-from service.metrics import Metrics
+from service.metrics import Metrics, TroubleThresholds
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.runtime import load_runtime, resolve_device
 from service.scheduler import Batcher
@@ -45,6 +45,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     state = AppState(settings=settings, metrics=metrics or Metrics())
+    state.metrics.ready.set_function(lambda: float(state.ready and not state.shutting_down))
     app = FastAPI(
         title="tta-serve",
         summary="Test-time adaptation of BatchNorm statistics, per client stream",
@@ -73,6 +74,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         directory=settings.data_dir.expanduser() / "streams",
         redis_url=settings.redis_url,
     )
+    metrics.store_up.set(1)  # created: reachable (each operation updates it from now on)
     writer = StoreWriter(store, metrics)
     device = resolve_device(settings.device)
     for name in settings.models:
@@ -108,7 +110,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             metrics=metrics,
         )
         runtime.batcher.start()
-    metrics.track_top_streams(registry.signals, settings.metrics_top_k)
+    metrics.track_streams(
+        registry.observed, settings.models, trouble_thresholds(settings), settings.metrics_top_k
+    )
+    metrics.track_gpus([device])
     tasks = [
         asyncio.create_task(_every(settings.flush_interval_s, registry.flush), name="flush"),
         asyncio.create_task(_every(EXPIRY_PERIOD_S, registry.expire), name="expire"),
@@ -142,6 +147,18 @@ async def _every(period_s: float, job: Callable[[], Awaitable[object]]) -> None:
             await job()
         except Exception:  # a periodic job must survive one bad round
             logger.exception("periodic %s failed", getattr(job, "__name__", job))
+
+
+def trouble_thresholds(settings: Settings) -> TroubleThresholds:
+    """The settings' thresholds of a stream "in trouble"."""
+    return TroubleThresholds(
+        drift_early=settings.trouble_drift_early,
+        drift_late=settings.trouble_drift_late,
+        entropy_high=settings.trouble_entropy_high,
+        entropy_low=settings.trouble_entropy_low,
+        dominant_share=settings.trouble_dominant_share,
+        min_images=settings.trouble_min_images,
+    )
 
 
 def main() -> None:

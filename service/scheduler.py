@@ -30,7 +30,7 @@ from service.errors import (
     UnavailableError,
 )
 from service.imaging import ImageBatch
-from service.metrics import Metrics
+from service.metrics import Metrics, StreamSignal
 from service.runtime import ModelRuntime
 from service.streams import StreamInfo
 
@@ -53,7 +53,8 @@ class PredictResult:
     source_predictions: list[TopK] | None
     logits: torch.Tensor  # [N, C] float32, CPU
     samples: int
-    drift: dict[str, Any] | None
+    drift: dict[str, Any] | None  # the drift summary, when the request asked for it
+    signal: StreamSignal | None  # the stream's signals after the forward (for the metrics)
     stored: Future[None] | None  # the sync-durability write of the new state, if any
 
 
@@ -120,6 +121,7 @@ class Batcher:
         self._carry: deque[PredictRequest] = deque()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        metrics.max_queue.labels(runtime.name).set(max_queue)
         metrics.queue_depth.labels(runtime.name).set_function(
             lambda: self.queue.qsize() + len(self._carry)
         )
@@ -311,7 +313,11 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
     top = _top_k(logits, k)
     source_top = _top_k(source_logits, k) if source_logits is not None else None
     logits_cpu = logits.cpu()
-    drifts = iter(engine.drift_summaries([res.handle for _, r, res in ready if r.drift]))
+    # The observer changes only when a stream adapts: only then are its signals new. Every
+    # protocol's requests go through here, so every stream's signals stay current.
+    observed = [res.handle for _, r, res in ready if r.adapt or r.drift]
+    summaries = iter(engine.drift_summaries(observed))
+    now = time.time()
     source_offset = 0
     for start, (index, request, resident) in zip(_starts(ready), ready, strict=True):
         stop = start + request.count
@@ -320,9 +326,11 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
             end = source_offset + request.count
             source_predictions = _slice(source_top, source_offset, end, request.top_k)
             source_offset = end
+        summary = next(summaries) if request.adapt or request.drift else None
         stored = None
         if request.adapt:
             resident.samples += request.count
+            resident.signal = StreamSignal.of(summary or {}, now)
             resident.dirty = True
             if sync:
                 stored = slots.persist(resident)
@@ -331,7 +339,8 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
             source_predictions=source_predictions,
             logits=logits_cpu[start:stop],
             samples=resident.samples,
-            drift=next(drifts) if request.drift else None,
+            drift=summary if request.drift else None,
+            signal=resident.signal,
             stored=stored,
         )
     return [o if o is not None else DEFER for o in outcomes]

@@ -40,7 +40,7 @@ from service.errors import (
     StreamExistsError,
     StreamNotFoundError,
 )
-from service.metrics import Metrics, StreamSignal
+from service.metrics import Metrics, ObservedStream, StreamSignal
 from service.stores import StateStore, StoreError, StreamInfo, StreamRecord
 
 if TYPE_CHECKING:
@@ -103,6 +103,11 @@ def samples_of(state: bytes) -> int:
     return samples if isinstance(samples, int) and samples >= 0 else 0
 
 
+def signal_of(state: bytes) -> StreamSignal | None:
+    """The last signals of a stored stream (None when it has none: fresh, or stored before)."""
+    return StreamSignal.from_dict(read_metadata(state).get("signal"))
+
+
 # --- store writer ----------------------------------------------------------------------------
 
 
@@ -142,10 +147,14 @@ class StoreWriter:
             return pending[1]
         started = time.perf_counter()
         try:
-            return self.store.get(stream_id)
+            record = self.store.get(stream_id)
         except StoreError:
             self.metrics.store_errors.labels("get").inc()
+            self.metrics.store_up.set(0)
             raise
+        else:
+            self.metrics.store_up.set(1)
+            return record
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.stage_latency.labels(model, "store").observe(elapsed)
@@ -177,6 +186,7 @@ class StoreWriter:
                 self.store.put(record)
         except StoreError:
             self.metrics.store_errors.labels(operation).inc()
+            self.metrics.store_up.set(0)
             with self._lock:
                 self._failed[stream_id] = sequence
             raise
@@ -184,6 +194,7 @@ class StoreWriter:
             elapsed = time.perf_counter() - started
             model = record.model if record is not None else ""
             self.metrics.stage_latency.labels(model, "store").observe(elapsed)
+        self.metrics.store_up.set(1)
         with self._lock:
             if self._pending.get(stream_id, (None,))[0] == sequence:
                 del self._pending[stream_id]
@@ -195,11 +206,12 @@ class StoreWriter:
 
 @dataclass(eq=False)
 class Resident:
-    """A stream that holds a slot: its handle, its sample count and whether it is unsaved."""
+    """A stream that holds a slot: its handle, sample count, last signals, whether it is unsaved."""
 
     info: StreamInfo
     handle: StreamHandle
     samples: int = 0
+    signal: StreamSignal | None = None
     dirty: bool = False
 
 
@@ -260,7 +272,7 @@ class StreamSlots:
             raise StoreUnavailableError(
                 f"the stored state of stream {info.id!r} is unusable: {error}"
             ) from None
-        resident = Resident(info, handle, samples_of(record.state))
+        resident = Resident(info, handle, samples_of(record.state), signal_of(record.state))
         self.resident[info.id] = resident
         self._count()
         return resident
@@ -273,10 +285,15 @@ class StreamSlots:
             self._count()
 
     def export(self, resident: Resident) -> bytes:
-        """The stream's state with the service metadata (its sample count)."""
-        return attach_metadata(
-            self.engine.export_stream(resident.handle), {"samples": resident.samples}
-        )
+        """The stream's state with the service metadata (sample count, last signals).
+
+        The signals travel with the state, so a restarted server (or another replica) publishes
+        a stream's last values before it sees the stream again.
+        """
+        metadata: dict[str, Any] = {"samples": resident.samples}
+        if resident.signal is not None:
+            metadata["signal"] = resident.signal.to_dict()
+        return attach_metadata(self.engine.export_stream(resident.handle), metadata)
 
     def persist(self, resident: Resident) -> Future[None]:
         """Write the stream's current state to the store (in order with every other write)."""
@@ -406,21 +423,37 @@ class StreamRegistry:
         except StoreError as error:
             raise StoreUnavailableError(f"cannot look up stream {stream_id!r}: {error}") from None
         if stream_id not in self.entries and record is not None and record.model in self.runtimes:
-            self.entries[stream_id] = StreamEntry(
-                StreamInfo.of(record), last_used=self.clock(), samples=samples_of(record.state)
-            )
+            self.entries[stream_id] = self._entry(record)
             self._count(record.model)
             logger.info("stream %s found in the store", stream_id)
         return self.get(stream_id, touch=touch)
+
+    def _entry(self, record: StreamRecord) -> StreamEntry:
+        """The entry of a stored stream (used from now), with its stored samples and signals."""
+        return StreamEntry(
+            StreamInfo.of(record),
+            last_used=self.clock(),
+            samples=samples_of(record.state),
+            signal=signal_of(record.state),
+        )
 
     def page(self, offset: int, limit: int) -> tuple[list[StreamEntry], int]:
         """Entries sorted by id, ``limit`` from ``offset``, and the total count."""
         ids = sorted(self.entries)
         return [self.entries[i] for i in ids[offset : offset + limit]], len(ids)
 
-    def signals(self) -> dict[str, StreamSignal]:
-        """The latest drift summary of every stream that has one (for the top-K gauges)."""
-        return {sid: e.signal for sid, e in self.entries.items() if e.signal is not None}
+    def observed(self) -> list[ObservedStream]:
+        """Every stream as the metrics see it (read at each scrape)."""
+        return [
+            ObservedStream(sid, e.info.model, e.info.adapter, e.samples, e.signal)
+            for sid, e in self.entries.items()
+        ]
+
+    def record(self, entry: StreamEntry, samples: int, signal: StreamSignal | None) -> None:
+        """Note a stream's sample count and signals after a forward, whichever API sent it."""
+        entry.samples = samples
+        if signal is not None:
+            entry.signal = signal
 
     # --- lifecycle ---
 
@@ -487,7 +520,7 @@ class StreamRegistry:
         def reset(slots: StreamSlots) -> Future[None] | None:
             resident = slots.ensure(entry.info)
             slots.engine.reset_stream(resident.handle)
-            resident.samples = 0
+            resident.samples, resident.signal = 0, None
             return self._changed(slots, resident)
 
         await self._wait_store(await runtime.call(reset, runtime.slots), "save the reset state")
@@ -509,17 +542,17 @@ class StreamRegistry:
         entry = await self.find(stream_id)
         runtime = self.runtime(entry.info.model)
 
-        def load(slots: StreamSlots) -> tuple[StreamInfo, int, Future[None] | None]:
+        def load(slots: StreamSlots) -> tuple[Resident, Future[None] | None]:
             resident = slots.ensure(entry.info)
             handle = slots.engine.import_stream(resident.handle, data)
             resident.handle = handle
             resident.info = replace(resident.info, seed=handle.seed)
-            resident.samples = samples_of(data)
-            return resident.info, resident.samples, self._changed(slots, resident)
+            resident.samples, resident.signal = samples_of(data), signal_of(data)
+            return resident, self._changed(slots, resident)
 
-        info, samples, future = await runtime.call(load, runtime.slots)
+        resident, future = await runtime.call(load, runtime.slots)
         # The exporter's seed becomes the stream's: a later reset re-creates its initial state.
-        entry.info, entry.samples, entry.signal = info, samples, None
+        entry.info, entry.samples, entry.signal = resident.info, resident.samples, resident.signal
         await self._wait_store(future, "save the imported state")
         return entry
 
@@ -562,9 +595,7 @@ class StreamRegistry:
             if not STREAM_ID.fullmatch(record.id):
                 logger.warning("stored stream id %r is invalid: skipped", record.id)
                 continue
-            self.entries[record.id] = StreamEntry(
-                StreamInfo.of(record), last_used=self.clock(), samples=samples_of(record.state)
-            )
+            self.entries[record.id] = self._entry(record)
             count += 1
         for model in self.runtimes:
             self._count(model)

@@ -24,7 +24,6 @@ from service.errors import (
     describe_validation,
 )
 from service.imaging import ImageBatch, decode_images, decode_tensor, parse_shape
-from service.metrics import StreamSignal
 from service.scheduler import PredictRequest, PredictResult, TopK
 from service.schemas import (
     Base64Images,
@@ -164,10 +163,7 @@ async def import_state(stream_id: str, request: Request, registry: RegistryDep) 
 @router.get("/{stream_id}/drift")
 async def read_drift(stream_id: str, registry: RegistryDep) -> dict[str, Any]:
     """The stream's full drift report: per-layer divergences, summaries, prediction stats."""
-    report = await registry.drift(stream_id)
-    entry = registry.get(stream_id, touch=False)
-    entry.signal = stream_signal(entry.info.model, report)
-    return report
+    return await registry.drift(stream_id)
 
 
 @router.post("/{stream_id}/predict", openapi_extra=_PREDICT_BODY)
@@ -243,9 +239,7 @@ async def run_prediction(
         deadline=loop.time() + settings.request_timeout_s,
     )
     result = await runtime.batcher.submit(request)
-    entry.samples = result.samples
-    if result.drift is not None:
-        entry.signal = stream_signal(entry.info.model, result.drift)
+    registry.record(entry, result.samples, result.signal)
     if result.stored is not None:
         try:
             await asyncio.wrap_future(result.stored)
@@ -254,12 +248,6 @@ async def run_prediction(
                 f"the prediction was made but the stream's new state was not saved: {error}"
             ) from None
     return result
-
-
-def stream_signal(model: str, drift: dict[str, Any]) -> StreamSignal:
-    """The part of a drift report that the top-K drift gauges show."""
-    overall = drift.get("overall") or {}
-    return StreamSignal(model, float(overall.get("jeffreys", 0.0)), drift.get("entropy"))
 
 
 def image_prediction(top: TopK, labels: tuple[str, ...]) -> ImagePrediction:

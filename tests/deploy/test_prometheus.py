@@ -7,6 +7,7 @@ and stay silent.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -80,3 +81,17 @@ def test_every_alert_documents_threshold_and_runbook() -> None:
                     annotations = rule["annotations"]
                     assert {"summary", "threshold", "runbook"} <= annotations.keys(), rule["alert"]
                     assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+
+
+def test_thresholds_named_in_annotations_are_the_settings_defaults() -> None:
+    from service.settings import Settings
+
+    named = []
+    for path in RULE_FILES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                text = rule.get("annotations", {}).get("threshold", "")
+                named += re.findall(r"TTA_(\w+) \(default ([\d.]+)\)", text)
+    assert len(named) >= 4
+    for setting, default in named:
+        assert Settings.model_fields[setting.lower()].default == float(default), setting

@@ -215,9 +215,8 @@ def dashboard(
 
 def quantile(q: float, metric: str, by: str, selector: str = "") -> str:
     """The ``q`` quantile of a histogram's rate, by the ``by`` labels."""
-    return (
-        f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{{selector}}}[{RATE}])))"
-    )
+    matchers = f"{{{selector}}}" if selector else ""
+    return f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{matchers}[{RATE}])))"
 
 
 def mean(metric: str, by: str) -> str:

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 NAMESPACE = "tta"
 STAGES = ("queue", "decode", "forward", "store")
+STORE_OPERATIONS = ("get", "put", "delete")
 DEPTHS = ("early", "late")
 TROUBLE_REASONS = ("drift_early", "drift_late", "high_entropy", "collapse", "any")
 _LATENCY_BUCKETS = (
@@ -322,6 +323,22 @@ class StreamsCollector(Collector):
         return []
 
 
+# The GPU families, exported only on CUDA: (name, help, labels).
+GPU_FAMILIES = (
+    (
+        f"{NAMESPACE}_gpu_memory_bytes",
+        "GPU memory held by this process's tensors (allocated) and by its caching allocator "
+        "(reserved)",
+        ["device", "kind"],
+    ),
+    (
+        f"{NAMESPACE}_gpu_utilization_ratio",
+        "Share of the last sample period in which a kernel ran on the GPU (NVML)",
+        ["device"],
+    ),
+)
+
+
 class GpuCollector(Collector):
     """Memory (through torch) and utilisation (through NVML, when torch can reach it) per GPU."""
 
@@ -330,16 +347,9 @@ class GpuCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """Read each device's counters now."""
-        memory = GaugeMetricFamily(
-            f"{NAMESPACE}_gpu_memory_bytes",
-            "GPU memory held by this process's tensors (allocated) and its caching allocator "
-            "(reserved)",
-            labels=["device", "kind"],
-        )
-        utilization = GaugeMetricFamily(
-            f"{NAMESPACE}_gpu_utilization_ratio",
-            "Share of the last sample period in which a kernel ran on the GPU (NVML)",
-            labels=["device"],
+        memory, utilization = (
+            GaugeMetricFamily(name, documentation, labels=labels)
+            for name, documentation, labels in GPU_FAMILIES
         )
         for device in self._devices:
             name = str(device)
@@ -495,10 +505,25 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        for operation in STORE_OPERATIONS:  # a zero series from the start: rate() works at once
+            self.store_errors.labels(operation)
         # The client library's process_* and python_* metrics, in this app's own registry.
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
+
+    def add_model(self, model: str) -> None:
+        """Start the per-model counters and histograms at zero (no gap before the first event)."""
+        for metric in (
+            self.forward_errors,
+            self.streams_evicted,
+            self.streams_expired,
+            self.batch_images,
+            self.batch_requests,
+        ):
+            metric.labels(model)
+        for stage in STAGES:
+            self.stage_latency.labels(model, stage)
 
     def track_streams(
         self,

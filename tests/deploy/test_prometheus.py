@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULE_FILES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
@@ -84,8 +86,6 @@ def test_every_alert_documents_threshold_and_runbook() -> None:
 
 
 def test_thresholds_named_in_annotations_are_the_settings_defaults() -> None:
-    from service.settings import Settings
-
     named = []
     for path in RULE_FILES:
         for group in yaml.safe_load(path.read_text())["groups"]:

@@ -132,7 +132,7 @@ def table(
         {
             "id": "organize",
             "options": {
-                "excludeByName": {"Time": True},
+                "excludeByName": {"Time": True, "__name__": True, "job": True, "instance": True},
                 "indexByName": {name: i for i, name in enumerate([*by, *renames])},
                 "renameByName": renames,
             },
@@ -162,7 +162,7 @@ def query_variable(name: str, label: str, query: str, *, include_all: bool) -> d
         "label": label,
         "type": "query",
         "datasource": DATASOURCE,
-        "query": {"query": query, "refId": f"{name}-values"},
+        "query": query,
         "definition": query,
         "refresh": 2,  # on time-range change: new streams enter the top-K
         "includeAll": include_all,

@@ -13,25 +13,41 @@ committed reference differs from the generator's output.
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
 import os
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
+import httpx
 import numpy as np
-from fastapi.testclient import TestClient
 from prometheus_client.core import Metric
 
 from bench.report import read_section, write_section
 from service.main import create_app
-from service.metrics import GPU_FAMILIES
+from service.metrics import (
+    DEPTHS,
+    GPU_FAMILIES,
+    STAGES,
+    STORE_OPERATIONS,
+    TROUBLE_REASONS,
+    TroubleThresholds,
+)
 from service.settings import Settings
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 SECTION = "reference"
-# Labels whose values form a fixed set: the reference lists them.
-FIXED_LABELS = ("stage", "depth", "reason", "signal", "kind", "adapted", "operation")
+# Labels whose values form a fixed set, listed in the reference.
+FIXED_LABELS = {
+    "stage": STAGES,
+    "depth": DEPTHS,
+    "reason": TROUBLE_REASONS,
+    "signal": tuple(field.name for field in fields(TroubleThresholds)),
+    "kind": ("allocated", "reserved"),
+    "adapted": ("true", "false"),
+    "operation": STORE_OPERATIONS,
+}
 # Suffixes of the sample names each type exposes (the family name is the prefix).
 SUFFIXES = {
     "counter": ("_total",),
@@ -93,6 +109,8 @@ READING = {
 }
 PROCESS_READING = "The client library's process and Python collectors (this process only)."
 UNITS = {
+    "process_start_time_seconds": "unix time (s)",
+    "python_info": "1",
     "tta_ready": "0/1",
     "tta_store_up": "0/1",
     "tta_model_info": "1",
@@ -126,34 +144,45 @@ def unit(name: str) -> str:
 
 def exercised_registry(model_cache: Path) -> list[Metric]:
     """Every family of an app with one stream fed over /v1 and /v2, as its registry collects."""
+    return asyncio.run(_exercise(model_cache))
+
+
+async def _exercise(model_cache: Path) -> list[Metric]:
     with tempfile.TemporaryDirectory() as data:
         settings = Settings(
             store="memory", data_dir=Path(data), model_cache_dir=model_cache, log_level="warning"
         )
         app = create_app(settings)
-        with TestClient(app, base_url="http://127.0.0.1") as client:
-            client.post("/v1/streams", json={"id": "doc"}).raise_for_status()
-            pixels = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
-            client.post(
-                "/v1/streams/doc/predict",
-                content=pixels.tobytes(),
-                params={"shape": "8,3,32,32"},
-                headers={"content-type": "application/octet-stream"},
-            ).raise_for_status()
-            body = {
-                "parameters": {"stream_id": "doc"},
-                "inputs": [
-                    {
-                        "name": "input",
-                        "shape": [8, 3, 32, 32],
-                        "datatype": "UINT8",
-                        "data": pixels.flatten().tolist(),
-                    }
-                ],
-            }
-            model = settings.models[0]
-            client.post(f"/v2/models/{model}/infer", content=json.dumps(body)).raise_for_status()
-            client.get("/metrics").raise_for_status()
+        model = settings.models[0]
+        pixels = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
+        infer = {
+            "parameters": {"stream_id": "doc"},
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(pixels.shape),
+                    "datatype": "UINT8",
+                    "data": pixels.flatten().tolist(),
+                }
+            ],
+        }
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client,
+        ):
+            for response in (
+                await client.post("/v1/streams", json={"id": "doc"}),
+                await client.post(
+                    "/v1/streams/doc/predict",
+                    content=pixels.tobytes(),
+                    params={"shape": "8,3,32,32"},
+                    headers={"content-type": "application/octet-stream"},
+                ),
+                await client.post(f"/v2/models/{model}/infer", json=infer),
+                await client.get("/metrics"),
+            ):
+                response.raise_for_status()
             return list(app.state.tta.metrics.registry.collect())
 
 
@@ -162,21 +191,17 @@ def family_rows(families: list[Metric]) -> list[tuple[str, str, str, str, str, s
     rows = []
     seen = set()
     for family in families:
-        labels: dict[str, set[str]] = {}
-        for sample in family.samples:
-            for label, label_value in sample.labels.items():
-                if label != "le":
-                    labels.setdefault(label, set()).add(label_value)
+        labels = {name for sample in family.samples for name in sample.labels} - {"le"}
         rows.append(_row(family.name, family.type, family.documentation, labels))
         seen.add(family.name)
     for name, documentation, label_names in GPU_FAMILIES:
         if name not in seen:
-            rows.append(_row(name, "gauge", documentation, {n: set() for n in label_names}))
+            rows.append(_row(name, "gauge", documentation, set(label_names)))
     return sorted(rows)
 
 
 def _row(
-    name: str, kind: str, documentation: str, labels: dict[str, set[str]]
+    name: str, kind: str, documentation: str, labels: set[str]
 ) -> tuple[str, str, str, str, str, str]:
     if name.startswith(("process_", "python_")):
         reading = PROCESS_READING
@@ -184,10 +209,10 @@ def _row(
         reading = READING[name]
     else:
         raise KeyError(f"{name} has no entry in READING: say how to read it")
-    shown = []
-    for label in sorted(labels):
-        values = sorted(labels[label]) if label in FIXED_LABELS else []
-        shown.append(f"{label} ({' / '.join(values)})" if values else label)
+    shown = [
+        f"{label} ({' / '.join(FIXED_LABELS[label])})" if label in FIXED_LABELS else label
+        for label in sorted(labels)
+    ]
     series = ", ".join(f"`{name}{suffix}`" for suffix in SUFFIXES.get(kind, ("",)))
     return (series, kind, ", ".join(shown) or "-", unit(name), documentation, reading)
 

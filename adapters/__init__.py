@@ -5,7 +5,13 @@ fails with the valid names.
 """
 
 from adapters import adabn, alpha_bn, momentum, source, tbn, unmix_tns
-from adapters.base import Adapter, AdapterError, StateMismatchError, UnknownAdapterError
+from adapters.base import (
+    Adapter,
+    AdapterError,
+    InvalidStateError,
+    StateMismatchError,
+    UnknownAdapterError,
+)
 
 ADAPTERS: dict[str, Adapter] = {
     module.ADAPTER.name: module.ADAPTER
@@ -25,6 +31,7 @@ __all__ = [
     "ADAPTERS",
     "Adapter",
     "AdapterError",
+    "InvalidStateError",
     "StateMismatchError",
     "UnknownAdapterError",
     "get_adapter",

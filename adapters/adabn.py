@@ -19,7 +19,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from adapters.base import Adapter, HParams, Moments, SourceStats, State, chan_merge, linear_mix
+from adapters.base import (
+    NONNEGATIVE,
+    Adapter,
+    HParams,
+    Moments,
+    SourceStats,
+    State,
+    chan_merge,
+    linear_mix,
+)
 
 
 class AdaBNConfig(BaseModel):
@@ -58,4 +67,12 @@ def norm_stats(
     return linear_mix(weight, state["mean"], var, source)
 
 
-ADAPTER = Adapter("adabn", AdaBNConfig, init_state, norm_stats, update, update_first=True)
+ADAPTER = Adapter(
+    "adabn",
+    AdaBNConfig,
+    init_state,
+    norm_stats,
+    update,
+    update_first=True,
+    bounds={"n": NONNEGATIVE, "m2": NONNEGATIVE},
+)

@@ -15,8 +15,9 @@ stream dimension S (every stream of a batch at once, each with its own hyperpara
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +26,9 @@ from torch import Tensor
 
 State = dict[str, Tensor]
 HParams = Mapping[str, Tensor]
+Bounds = Mapping[str, tuple[float, float]]  # state name -> closed interval of its valid values
+
+NONNEGATIVE = (0.0, math.inf)
 
 
 class AdapterError(Exception):
@@ -45,6 +49,10 @@ class UnknownAdapterError(AdapterError, KeyError):
 
 class StateMismatchError(AdapterError, ValueError):
     """Imported state that does not fit the stream's model, adapter or configuration."""
+
+
+class InvalidStateError(StateMismatchError):
+    """A state (new or imported) that is not finite or breaks the adapter's bounds: refused."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,9 @@ class Adapter:
     update_first: bool = False
     per_sample: bool = False  # norm_stats returns [N, C] instead of [S, C]
     structural: tuple[str, ...] = ()  # config fields that shape the state (e.g. UnMix-TNS's K)
+    # The invariants of the state beyond finiteness (counts and variances are >= 0, ...): a row
+    # outside them is never committed nor imported.
+    bounds: Bounds = field(default_factory=dict)
 
     def hparams(self, config: BaseModel) -> dict[str, float]:
         """The numeric config fields that become per-stream tensors (bools as 0/1, None as inf)."""

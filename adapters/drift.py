@@ -15,9 +15,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from adapters.base import Moments, SourceStats, State, chan_merge, segment_sum
+from adapters.base import NONNEGATIVE, Bounds, Moments, SourceStats, State, chan_merge, segment_sum
 
 EARLY_LATE_FRACTION = 1 / 3  # the first and last third of the BN layers
+
+OBSERVER_BOUNDS: Bounds = {"obs.n": NONNEGATIVE, "obs.m2": NONNEGATIVE}
+HEAD_BOUNDS: Bounds = {
+    "head.n": NONNEGATIVE,
+    "head.entropy": NONNEGATIVE,
+    "head.confidence": NONNEGATIVE,
+    "head.classes": NONNEGATIVE,
+}
 
 
 def init_observer(source: SourceStats) -> State:

@@ -5,7 +5,9 @@ and keeps one :class:`~adapters.pool.StatePool` per (adapter, state structure). 
 batch whose images are cut into stream segments; every norm layer computes per-image moments
 once, and each group of streams (same pool, same ``adapt`` flag) turns them into normalisation
 statistics with its adapter, vectorised over the group's streams. New states are staged and
-committed only after the whole forward has succeeded, so a failed batch changes nothing.
+committed only after the whole forward has succeeded, so a failed batch changes nothing; and a
+stream whose new state would not be finite or would break its adapter's bounds (or whose logits
+are not finite) is refused alone: its state stays as it was, the other streams commit.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from adapters import get_adapter
 from adapters.base import Adapter, Moments, State, StateMismatchError, segment_sum
 from adapters.drift import drift_report, drift_summaries, observe, observe_head
 from adapters.norm import ACTIVE_BATCH, StreamNorm2d, convert_batchnorm, instance_moments
-from adapters.pool import StatePool
-from adapters.state_io import check_metadata, check_state, export_state, read_state
+from adapters.pool import MemoryBudget, StateLayout, StatePool, state_layout
+from adapters.state_io import check_state, export_state, read_state
+
+MAX_SEED = 2**63 - 1
 
 PoolKey = tuple[str, tuple[tuple[str, object], ...]]
 
@@ -54,9 +58,63 @@ class _Group:
     segment: Tensor  # [rows] stream index within the group
     images: Tensor  # [streams] float64
     members: Tensor = field(default_factory=lambda: torch.empty(0))  # [streams, rows] one-hot
+    indices: list[int] = field(default_factory=list)  # the segments of its streams, in order
     layers: list[State] = field(default_factory=list)
     head: State = field(default_factory=dict)
     hparams: dict[str, Tensor] = field(default_factory=dict)
+    broken: dict[int, Tensor] = field(default_factory=dict)  # layer -> [S] non-finite moments
+
+
+@dataclass(frozen=True)
+class ImportedState:
+    """An exported state parsed and checked for one stream, ready to be written to its slot."""
+
+    tensors: dict[str, Tensor]  # on the host
+    seed: int
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """The logits of a forward and what, if anything, refused each segment's stream.
+
+    ``problems[i, kind, part]`` is row i's (segment ``order[i]``'s) NaN/inf (kind 0) or
+    out-of-bounds (kind 1) flag for each part: every BN layer's state, the prediction observer,
+    the logits. Both stay on the device until :meth:`refusals` reads the flags back.
+    """
+
+    logits: Tensor  # [N, C] float32, on the device, in the batch's order
+    problems: Tensor  # [segments, 2, parts] bool, on the device, in group order
+    order: list[int]
+    parts: list[str]
+
+    def refusals(self) -> list[str | None]:
+        """Per segment, in the caller's order: None if it was committed, else why it was not.
+
+        A host sync: call it after reading the logits back, which has already waited for the
+        forward.
+        """
+        reasons: list[str | None] = [None] * len(self.order)
+        if not bool(self.problems.any()):
+            return reasons
+        for row, segment in zip(self.problems.cpu(), self.order, strict=True):
+            reasons[segment] = _reason(row, self.parts)
+        return reasons
+
+
+def _reason(row: Tensor, parts: list[str]) -> str | None:
+    """The first problem of one stream's row of flags, in words (None if it has none)."""
+    for index, part in enumerate(parts):
+        if bool(row[0, index]):
+            problem = "NaN or infinite values"
+        elif bool(row[1, index]):
+            problem = "values outside the adapter's bounds (a negative count, variance or weight)"
+        else:
+            continue
+        return (
+            f"refused, the stream's state is unchanged: {problem} in {part} after this batch "
+            "(are the inputs within the model's range?)"
+        )
+    return None
 
 
 class _Batch:
@@ -72,7 +130,7 @@ class _Batch:
         pixels = x.shape[2] * x.shape[3]
         means, variances = [], []
         for group in self.groups:
-            moments = _moments(
+            moments, group.broken[layer.index] = _moments(
                 sample_mean[group.start : group.stop],
                 sample_var[group.start : group.stop],
                 group.segment,
@@ -105,14 +163,24 @@ def _moments(
     images: Tensor,
     pixels: int,
     members: Tensor,
-) -> Moments:
-    """Pool per-image moments into per-stream segment moments (law of total variance, fp64)."""
+) -> tuple[Moments, Tensor]:
+    """Pool per-image moments into per-stream segment moments (law of total variance, fp64).
+
+    Also which streams have an image with NaN or infinite moments ``[S]``: those images' moments
+    are zeroed, because the one-hot matrix products that pool them would spread NaN to every
+    stream of the group (0 * inf is NaN); their streams are refused instead.
+    """
+    finite = torch.isfinite(sample_mean).all(1) & torch.isfinite(sample_var).all(1)
+    broken = segment_sum(members, (~finite).double()) > 0
+    sample_mean = torch.where(finite[:, None], sample_mean, 0.0)
+    sample_var = torch.where(finite[:, None], sample_var, 0.0)
     count = images[:, None]
     sample_mean64 = sample_mean.double()
     mean = segment_sum(members, sample_mean64) / count
     spread = (sample_mean64 - mean.index_select(0, segment)).square() + sample_var.double()
     var = segment_sum(members, spread) / count
-    return Moments(sample_mean, sample_var, segment, images, pixels, mean, var, members)
+    moments = Moments(sample_mean, sample_var, segment, images, pixels, mean, var, members)
+    return moments, broken
 
 
 class Engine:
@@ -123,9 +191,14 @@ class Engine:
         name: the model's name, recorded in exported states.
         num_classes: size of the logits, for the prediction observer.
         device: where the model and every stream state live.
-        capacity: slots per pool (streams per adapter and state structure).
+        capacity: the most slots of a pool (streams per adapter and state structure); a pool
+            starts with 4 and doubles on demand.
         observer_window: images the drift observer remembers per stream.
         autocast_dtype: run the convolutions under autocast (statistics stay fp32/fp64).
+        max_state_bytes: bound on the memory of every stream state together (0: none); a
+            stream that does not fit is refused with StateMemoryError.
+        max_state_header_bytes: largest safetensors header an import may have (0: derived from
+            the state layout, see :meth:`header_limit`).
         cuda_graphs: on CUDA, replay each batch layout as a captured graph (LRU of
             ``max_graphs`` layouts). Off by default until its GPU test has run on a GPU
             (tests/adapters/test_gpu.py); the eager path is what docs/performance.md measured.
@@ -133,7 +206,7 @@ class Engine:
     Example:
         >>> engine = Engine(model, num_classes=10, device=torch.device("cpu"))
         >>> stream = engine.open_stream("adabn")
-        >>> logits = engine.forward(images, [(stream, len(images))])
+        >>> logits = engine.forward(images, [(stream, len(images))]).logits
     """
 
     def __init__(
@@ -148,6 +221,8 @@ class Engine:
         autocast_dtype: torch.dtype | None = None,
         cuda_graphs: bool = False,
         max_graphs: int = 64,
+        max_state_bytes: int = 0,
+        max_state_header_bytes: int = 0,
     ) -> None:
         self.name = name
         self.device = torch.device(device)
@@ -155,12 +230,21 @@ class Engine:
         self.layers = convert_batchnorm(self.model)
         if not self.layers:
             raise ValueError("the model has no BatchNorm2d layer: nothing to adapt")
+        names = {id(module): name for name, module in self.model.named_modules()}
+        count = len(self.layers)
+        self.parts = [
+            f"the statistics of BN layer {layer.index} of {count} ({names[id(layer)]})"
+            for layer in self.layers
+        ] + ["the prediction observer", "the logits"]
         self.model.to(self.device).requires_grad_(False)
         self.num_classes = num_classes
         self.capacity = capacity
         self.autocast_dtype = autocast_dtype
         self.window = torch.tensor(float(observer_window), dtype=torch.float64, device=self.device)
         self.pools: dict[PoolKey, StatePool] = {}
+        self.memory = MemoryBudget(max_state_bytes)
+        self.max_state_header_bytes = max_state_header_bytes
+        self._layouts: dict[PoolKey, StateLayout] = {}
         self.cuda_graphs = cuda_graphs
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _CapturedForward] = {}
@@ -185,11 +269,19 @@ class Engine:
         key = _pool_key(spec, config)
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = StatePool(
-                spec, config, self.sources, self.num_classes, self.capacity
+            pool = StatePool(
+                spec, config, self.sources, self.num_classes, self.capacity, self.memory
             )
             pool.key = key
-        slot = pool.allocate(config, seed)
+            self.pools[key] = pool
+        capacity = pool.capacity
+        try:
+            slot = pool.allocate(config, seed)
+        finally:
+            if pool.capacity != capacity:
+                self._forget_graphs(key)  # captured graphs hold the pool's old tensors
+            if pool.empty:
+                self._drop_pool(key)
         return StreamHandle(spec.name, config, seed, key, slot)
 
     def pool_key(self, adapter: str, config: BaseModel | dict | None = None) -> PoolKey:
@@ -198,8 +290,45 @@ class Engine:
         return _pool_key(spec, _validate(spec, config))
 
     def close_stream(self, stream: StreamHandle) -> None:
-        """Free the stream's slot."""
-        self.pools[stream.pool].release(stream.slot)
+        """Free the stream's slot, and its pool's memory once the pool is empty."""
+        pool = self.pools[stream.pool]
+        pool.release(stream.slot)
+        if pool.empty:
+            self._drop_pool(stream.pool)
+
+    def _drop_pool(self, key: PoolKey) -> None:
+        self.memory.release(self.pools.pop(key).nbytes)
+        self._forget_graphs(key)
+
+    def _forget_graphs(self, key: PoolKey) -> None:
+        stale = [layout for layout in self._graphs if any(g[0] == key for g in layout[3])]
+        for layout in stale:
+            del self._graphs[layout]
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of state memory held by each adapter's pools."""
+        held: dict[str, int] = {}
+        for pool in self.pools.values():
+            held[pool.adapter.name] = held.get(pool.adapter.name, 0) + pool.nbytes
+        return held
+
+    def _layout(self, adapter: Adapter, config: BaseModel) -> StateLayout:
+        """The layout of a state of this adapter and config (cached; safe from any thread)."""
+        key = _pool_key(adapter, config)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = state_layout(
+                adapter, config, self.sources, self.num_classes
+            )
+        return layout
+
+    def header_limit(self, layout: StateLayout) -> int:
+        """Largest safetensors header accepted for a state of ``layout``.
+
+        Derived unless set: a header entry is under 128 bytes per tensor, plus 64 KiB for the
+        metadata (the config, the service's record).
+        """
+        return self.max_state_header_bytes or 128 * len(layout.shapes) + 65536
 
     def reset_stream(self, stream: StreamHandle) -> None:
         """Restore the stream's fresh state (its seed included): source statistics, step 0."""
@@ -233,33 +362,57 @@ class Engine:
 
     def export_stream(self, stream: StreamHandle) -> bytes:
         """The stream's whole state as safetensors bytes with JSON metadata."""
-        return export_state(self.pools[stream.pool], stream.slot, self._identity(stream))
+        identity = self._identity(stream.adapter, stream.config, stream.seed)
+        return export_state(self.pools[stream.pool], stream.slot, identity)
 
     def import_stream(self, stream: StreamHandle, data: bytes) -> StreamHandle:
         """Replace the stream's state by an exported one; StateMismatchError changes nothing.
 
-        The state must come from the same model and adapter with the same config. Returns the
-        stream's handle with the exporter's seed, so a later reset re-creates its initial state.
+        The state must come from the same model and adapter with the same config, and hold
+        valid values (InvalidStateError otherwise). Returns the stream's handle with the
+        exporter's seed, so a later reset re-creates its initial state.
         """
-        tensors, metadata = read_state(data)
-        pool = self.pools[stream.pool]
-        identity = self._identity(stream)
-        check_metadata(metadata, {k: v for k, v in identity.items() if k != "seed"})
-        check_state(pool, tensors, identity)
-        seed = metadata.get("seed")
-        if not isinstance(seed, int) or seed < 0:
-            raise StateMismatchError("state metadata has no valid seed")
-        pool.write(stream.slot, {k: v.to(self.device) for k, v in tensors.items()})
-        return dataclasses.replace(stream, seed=seed)
+        return self.load_stream(stream, self.parse_state(stream.adapter, stream.config, data))
 
-    def _identity(self, stream: StreamHandle) -> dict:
-        return {
+    def parse_state(
+        self, adapter: str, config: BaseModel | dict | None, data: bytes
+    ) -> ImportedState:
+        """Parse and check exported bytes for a stream of this adapter and config; no pool used.
+
+        Safe to call from any thread (the service parses off the engine thread). The header is
+        bounded before it is decoded: at most :meth:`header_limit` bytes and exactly as many
+        tensors as the stream's state has.
+        """
+        spec = get_adapter(adapter)
+        config = _validate(spec, config)
+        layout = self._layout(spec, config)
+        identity = self._identity(spec.name, config)
+        tensors, metadata = read_state(
+            data,
+            expected=identity,
+            max_tensors=len(layout.shapes),
+            max_header_bytes=self.header_limit(layout),
+        )
+        check_state(layout, tensors)
+        seed = metadata.get("seed")
+        if type(seed) is not int or not 0 <= seed <= MAX_SEED:
+            raise StateMismatchError(f"state metadata has no valid seed (0 to {MAX_SEED})")
+        return ImportedState(tensors, seed)
+
+    def load_stream(self, stream: StreamHandle, state: ImportedState) -> StreamHandle:
+        """Write a parsed state into the stream's slot; its handle with the exporter's seed."""
+        tensors = {k: v.to(self.device) for k, v in state.tensors.items()}
+        self.pools[stream.pool].write(stream.slot, tensors)
+        return dataclasses.replace(stream, seed=state.seed)
+
+    def _identity(self, adapter: str, config: BaseModel, seed: int | None = None) -> dict:
+        identity = {
             "model": self.name,
             "layers": [layer.running_mean.numel() for layer in self.layers],
-            "adapter": stream.adapter,
-            "config": stream.config.model_dump(mode="json"),
-            "seed": stream.seed,
+            "adapter": adapter,
+            "config": config.model_dump(mode="json"),
         }
+        return identity if seed is None else {**identity, "seed": seed}
 
     # --- forward -------------------------------------------------------------------------------
 
@@ -269,11 +422,13 @@ class Engine:
         images: Tensor,
         segments: Sequence[tuple[StreamHandle, int]],
         adapt: bool | Sequence[bool] = True,
-    ) -> Tensor:
+    ) -> ForwardResult:
         """Logits for a batch cut into stream segments ``(stream, number of images)``, in order.
 
         Each stream may appear once per call. With ``adapt`` False for a segment its stream is
-        normalised with its current state and left unchanged.
+        normalised with its current state and left unchanged. A segment whose new state would
+        not be finite or valid, or whose logits are not finite, is refused: its stream keeps
+        its state, and ``result.refusals()`` says why.
         """
         flags = [adapt] * len(segments) if isinstance(adapt, bool) else list(adapt)
         if sum(count for _, count in segments) != images.shape[0]:
@@ -283,16 +438,25 @@ class Engine:
         order, groups = self._plan(segments, flags)
         x = images.to(self.device, non_blocking=True)
         if self.cuda_graphs and self.device.type == "cuda":
-            return self._replay(x, order, groups)
-        return self._run(x, order, groups, commit=True)
+            logits, problems = self._replay(x, order, groups)
+        else:
+            logits, problems = self._run(x, order, groups, commit=True)
+        indices = [index for group in groups for index in group.indices]
+        return ForwardResult(logits, problems, indices, self.parts)
 
-    def _run(self, x: Tensor, order: Tensor | None, groups: list[_Group], commit: bool) -> Tensor:
-        """The adapted forward of a planned batch; stream states change only if ``commit``."""
+    def _run(
+        self, x: Tensor, order: Tensor | None, groups: list[_Group], commit: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The adapted forward of a planned batch: its logits and its streams' problems.
+
+        Stream states change only if ``commit``, and then only the rows without a problem.
+        """
         if order is not None:
             x = x.index_select(0, order)
         batch = _Batch(groups, self.window)
         for group in groups:
             group.layers, group.head, group.hparams = group.pool.gather(group.slots)
+            group.broken = {}
             streams = torch.arange(group.images.shape[0], device=group.segment.device)
             group.members = (streams[:, None] == group.segment[None, :]).double()
         token = ACTIVE_BATCH.set(batch)
@@ -301,20 +465,41 @@ class Engine:
                 logits = self.model(x).float()
         finally:
             ACTIVE_BATCH.reset(token)
-        for group in groups:
-            if group.adapt:
-                rows = logits[group.start : group.stop]
-                group.head = observe_head(group.head, rows, group.members, self.window)
+        problems = [self._problems(group, logits[group.start : group.stop]) for group in groups]
         # Only now, with the whole batch computed, do the streams' states change.
         if commit:
-            for group in groups:
+            for group, flags in zip(groups, problems, strict=True):
                 if group.adapt:
-                    group.pool.commit(group.slots, group.layers, group.head)
+                    keep = ~flags.flatten(1).any(1)
+                    group.pool.commit(group.slots, group.layers, group.head, keep)
         if order is not None:
             logits = torch.empty_like(logits).index_copy_(0, order, logits)
-        return logits
+        return logits, torch.cat(problems)
 
-    def _replay(self, x: Tensor, order: Tensor | None, groups: list[_Group]) -> Tensor:
+    def _problems(self, group: _Group, logits: Tensor) -> Tensor:
+        """The group's streams' problems ``[S, 2, parts]``: staged states, then logits.
+
+        A layer's statistics count as not finite for a stream whose images had non-finite
+        moments there (zeroed in the pooling, see ``_moments``), whatever its state became.
+        """
+        finite = torch.isfinite(logits).all(1)
+        bad_logits = segment_sum(group.members, (~finite).double()) > 0  # [S]
+        broken = torch.stack([group.broken[index] for index in range(len(self.layers))], 1)
+        streams = bad_logits.shape[0]
+        if group.adapt:
+            # Zeroed like the moments, so that one stream's NaN logits stay its own.
+            rows = torch.where(finite[:, None], logits, 0.0)
+            group.head = observe_head(group.head, rows, group.members, self.window)
+            state = group.pool.problems(group.layers, group.head)
+        else:
+            state = bad_logits.new_zeros((streams, 2, len(self.layers) + 1))
+        state[:, 0, : len(self.layers)] |= broken
+        logit_flags = torch.stack([bad_logits, torch.zeros_like(bad_logits)], 1)
+        return torch.cat([state, logit_flags[:, :, None]], 2)
+
+    def _replay(
+        self, x: Tensor, order: Tensor | None, groups: list[_Group]
+    ) -> tuple[Tensor, Tensor]:
         """The forward as one CUDA graph replay, captured once per batch layout.
 
         Eagerly, the statistics cost hundreds of tiny kernel launches per forward, which
@@ -357,21 +542,21 @@ class Engine:
         self, segments: Sequence[tuple[StreamHandle, int]], flags: list[bool]
     ) -> tuple[Tensor | None, list[_Group]]:
         """Group segments by (pool, adapt) into contiguous rows; the row order if it changed."""
-        grouped: dict[tuple[PoolKey, bool], list[tuple[int, StreamHandle, int]]] = {}
+        grouped: dict[tuple[PoolKey, bool], list[tuple[int, StreamHandle, int, int]]] = {}
         start = 0
-        for (stream, count), flag in zip(segments, flags, strict=True):
+        for index, ((stream, count), flag) in enumerate(zip(segments, flags, strict=True)):
             if count < 1:
                 raise ValueError("every segment needs at least one image")
-            grouped.setdefault((stream.pool, flag), []).append((start, stream, count))
+            grouped.setdefault((stream.pool, flag), []).append((start, stream, count, index))
             start += count
         rows: list[int] = []
         groups = []
         for (key, flag), members in grouped.items():
             first = len(rows)
             segment: list[int] = []
-            for index, (offset, _, count) in enumerate(members):
+            for position, (offset, _, count, _) in enumerate(members):
                 rows.extend(range(offset, offset + count))
-                segment.extend([index] * count)
+                segment.extend([position] * count)
             pool = self.pools[key]
             groups.append(
                 _Group(
@@ -380,9 +565,10 @@ class Engine:
                     start=first,
                     stop=len(rows),
                     adapt=flag,
-                    slots=self._to_device([s.slot for _, s, _ in members], torch.int64),
+                    slots=self._to_device([s.slot for _, s, _, _ in members], torch.int64),
                     segment=self._to_device(segment, torch.int64),
-                    images=self._to_device([c for _, _, c in members], torch.float64),
+                    images=self._to_device([c for _, _, c, _ in members], torch.float64),
+                    indices=[i for _, _, _, i in members],
                 )
             )
         contiguous = rows == list(range(len(rows)))
@@ -433,10 +619,12 @@ class _CapturedForward:
         torch.cuda.current_stream(engine.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = engine._run(self.x, self.order, self.groups, commit=True)
+            self.logits, self.problems = engine._run(self.x, self.order, self.groups, commit=True)
 
-    def replay(self, x: Tensor, order: Tensor | None, groups: list[_Group]) -> Tensor:
-        """Copy this batch into the static inputs, replay, and return a copy of the logits."""
+    def replay(
+        self, x: Tensor, order: Tensor | None, groups: list[_Group]
+    ) -> tuple[Tensor, Tensor]:
+        """Copy this batch into the static inputs, replay, and return copies of the outputs."""
         self.x.copy_(x, non_blocking=True)
         if order is not None and self.order is not None:
             self.order.copy_(order, non_blocking=True)
@@ -445,4 +633,4 @@ class _CapturedForward:
             static.segment.copy_(group.segment, non_blocking=True)
             static.images.copy_(group.images, non_blocking=True)
         self.graph.replay()
-        return self.logits.clone()
+        return self.logits.clone(), self.problems.clone()

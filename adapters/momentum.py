@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from adapters.base import Adapter, HParams, Moments, SourceStats, State
+from adapters.base import NONNEGATIVE, Adapter, HParams, Moments, SourceStats, State
 
 
 class MomentumConfig(BaseModel):
@@ -90,4 +90,13 @@ def norm_stats(
     return mean, var
 
 
-ADAPTER = Adapter("momentum", MomentumConfig, init_state, norm_stats, update, update_first=True)
+ADAPTER = Adapter(
+    "momentum",
+    MomentumConfig,
+    init_state,
+    norm_stats,
+    update,
+    update_first=True,
+    # w is the source's weight; s2 an EMA of second moments.
+    bounds={"step": NONNEGATIVE, "w": (0.0, 1.0), "s2": NONNEGATIVE},
+)

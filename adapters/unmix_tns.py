@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from adapters.base import Adapter, HParams, Moments, SourceStats, State
+from adapters.base import NONNEGATIVE, Adapter, HParams, Moments, SourceStats, State
 
 
 class UnMixTNSConfig(BaseModel):
@@ -101,4 +101,5 @@ ADAPTER = Adapter(
     update,
     per_sample=True,
     structural=("components",),
+    bounds={"vars": NONNEGATIVE},
 )

@@ -315,7 +315,7 @@ def run_protocol(
                     rows = np.concatenate([b for _, b in active])
                     x = normalizer(pool.images[torch.from_numpy(rows).to(pool.images.device)])
                     segments = [(handles[i], len(b)) for i, b in active]
-                    labels = engine.forward(x, segments).argmax(1).cpu().numpy()
+                    labels = engine.forward(x, segments).logits.argmax(1).cpu().numpy()
                     start = 0
                     for i, b in active:
                         predictions[group[i][0].label][b] = labels[start : start + len(b)]

@@ -126,7 +126,7 @@ def main() -> None:
             results[name][batch] = paired_ratio(
                 measure,
                 lambda x=x: plain_model(x),
-                lambda x=x, s=stream: engine.forward(x, [(s, len(x))]),
+                lambda x=x, s=stream: engine.forward(x, [(s, len(x))]).logits,
                 args.repeats,
                 args.budget,
             )
@@ -140,13 +140,15 @@ def main() -> None:
         chunks = x.split(4)
 
         def mixed_fn() -> object:
-            return engine.forward(x, [(s, 4) for s in streams])
+            return engine.forward(x, [(s, 4) for s in streams]).logits
 
         def single_fn() -> object:
-            return engine.forward(x, [(single, 256)])
+            return engine.forward(x, [(single, 256)]).logits
 
         def loop_fn() -> object:
-            return [engine.forward(c, [(s, 4)]) for c, s in zip(chunks, streams, strict=True)]
+            return [
+                engine.forward(c, [(s, 4)]).logits for c, s in zip(chunks, streams, strict=True)
+            ]
 
         log.info("stream mixing ...")
         mixed_vs_single, single_t, mixed_t = paired_ratio(

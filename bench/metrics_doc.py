@@ -104,6 +104,12 @@ READING = {
     "tta_stream_samples": "Images the stream adapted to in its life (not only the window).",
     "tta_stream_last_update_timestamp_seconds": "When the stream last adapted: "
     "`time() - ...` is the age of its other values (restored streams keep theirs).",
+    "tta_state_memory_bytes": "Memory of the stream states per adapter's pools; it grows as "
+    "pools grow and is freed as they empty.",
+    "tta_state_memory_limit_bytes": "The bound on a model's state memory (`max_state_bytes`; "
+    "0: none): compare with `sum by (model) (tta_state_memory_bytes)`.",
+    "tta_state_memory_refusals": "Streams refused a slot at the memory bound (507): raise "
+    "`max_state_bytes` or delete idle streams.",
     "tta_gpu_memory_bytes": "GPU memory of this process (CUDA only).",
     "tta_gpu_utilization_ratio": "GPU busy share from NVML (CUDA only, and only with pynvml).",
 }

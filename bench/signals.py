@@ -101,7 +101,7 @@ def measure(
     correct = 0
     for start in range(0, max(checkpoints), batch):
         pixels = torch.from_numpy(images[start : start + batch]).permute(0, 3, 1, 2).contiguous()
-        logits = engine.forward(normalize(pixels, spec), [(handle, pixels.shape[0])])
+        logits = engine.forward(normalize(pixels, spec), [(handle, pixels.shape[0])]).logits
         correct += int((logits.argmax(1).cpu().numpy() == labels[start : start + batch]).sum())
         seen = start + pixels.shape[0]
         if seen in checkpoints:

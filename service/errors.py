@@ -20,8 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters import StateMismatchError, UnknownAdapterError
-from adapters.pool import PoolFullError
+from adapters import InvalidStateError, StateMismatchError, UnknownAdapterError
+from adapters.pool import PoolFullError, StateMemoryError
 from models import ModelError, UnknownModelError
 from service.stores import StoreError
 
@@ -135,6 +135,12 @@ class ForwardError(ServiceError):
     status, code = 500, "forward_failed"
 
 
+class UnusableStateError(ServiceError):
+    """A stream whose stored state cannot be loaded (corrupted, or invalid): reset or import it."""
+
+    status, code = 409, "state_unusable"
+
+
 class StoreUnavailableError(ServiceError):
     """The state store failed to read or write a stream's state."""
 
@@ -149,7 +155,9 @@ class StoreUnavailableError(ServiceError):
 DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
     (UnknownModelError, 404, "model_not_found"),
     (UnknownAdapterError, 422, "unknown_adapter"),
+    (InvalidStateError, 422, "invalid_state"),
     (StateMismatchError, 422, "state_mismatch"),
+    (StateMemoryError, 507, "state_memory_exhausted"),
     (PoolFullError, 503, "capacity_exhausted"),
     (StoreError, 503, "store_unavailable"),
     (ModelError, 500, "model_error"),

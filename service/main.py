@@ -87,6 +87,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             observer_window=settings.observer_window,
             amp=settings.amp,
             cuda_graphs=settings.cuda_graphs,
+            max_state_bytes=settings.max_state_bytes,
+            max_state_header_bytes=settings.max_state_header_bytes,
             writer=writer,
             max_streams=settings.max_streams,
             metrics=metrics,
@@ -101,7 +103,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     restored = await asyncio.to_thread(registry.restore)
     logger.info("restored %d streams from the %s store", restored, settings.store)
     for runtime in state.runtimes.values():
-        runtime.batcher = Batcher(
+        batcher = Batcher(
             runtime,
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000,
@@ -109,7 +111,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             sync=settings.durability == "sync",
             metrics=metrics,
         )
-        runtime.batcher.start()
+        batcher.start()
+        runtime.batcher = batcher
     metrics.track_streams(
         registry.observed, settings.models, trouble_thresholds(settings), settings.metrics_top_k
     )

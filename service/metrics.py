@@ -464,6 +464,27 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.state_memory = Gauge(
+            "state_memory_bytes",
+            "Memory held by the stream states of a model's state pools, by adapter",
+            ["model", "adapter"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.state_memory_limit = Gauge(
+            "state_memory_limit_bytes",
+            "Bound on a model's stream state memory (max_state_bytes; 0: none)",
+            ["model"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.state_memory_refusals = Counter(
+            "state_memory_refusals",
+            "Streams refused a slot because the model's state memory bound was reached",
+            ["model"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.model_info = Gauge(
             "model_info",
             "Served models (value 1) and their properties",
@@ -520,6 +541,7 @@ class Metrics:
             self.streams_expired,
             self.batch_images,
             self.batch_requests,
+            self.state_memory_refusals,
         ):
             metric.labels(model)
         for stage in STAGES:

@@ -13,21 +13,32 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from adapters.engine import Engine
 from models import ModelSpec, Normalizer, create_model
 from service.metrics import Metrics
+from service.predictions import PredictRequest, PredictResult
 from service.streams import StoreWriter, StreamSlots
-
-if TYPE_CHECKING:
-    from service.scheduler import Batcher
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class RequestQueue(Protocol):
+    """Where a model's prediction requests go (``service.scheduler.Batcher``, which needs the
+    runtime: a protocol here keeps the dependency one-way)."""
+
+    async def submit(self, request: PredictRequest) -> PredictResult:
+        """Queue a request and wait for its result."""
+        ...
+
+    async def stop(self) -> None:
+        """Refuse new requests and finish the queued ones."""
+        ...
 
 
 class ModelRuntime:
@@ -47,7 +58,7 @@ class ModelRuntime:
         self.slots = StreamSlots(engine, writer, max_streams, metrics)
         self.normalizer = Normalizer(spec)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"tta-engine-{spec.name}")
-        self.batcher: Batcher | None = None
+        self.batcher: RequestQueue | None = None
         self._pinned: torch.Tensor | None = None
 
     @property
@@ -98,6 +109,8 @@ def load_runtime(
     observer_window: int,
     amp: bool,
     cuda_graphs: bool = False,
+    max_state_bytes: int = 0,
+    max_state_header_bytes: int = 0,
     writer: StoreWriter,
     max_streams: int,
     metrics: Metrics,
@@ -116,7 +129,10 @@ def load_runtime(
         observer_window=observer_window,
         autocast_dtype=autocast,
         cuda_graphs=cuda_graphs,
+        max_state_bytes=max_state_bytes,
+        max_state_header_bytes=max_state_header_bytes,
     )
+    metrics.state_memory_limit.labels(spec.name).set(max_state_bytes)
     metrics.model_info.labels(
         spec.name,
         spec.architecture,

@@ -14,72 +14,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from adapters import InvalidStateError
 from service.errors import (
     CapacityError,
     DeadlineExceededError,
     ForwardError,
+    InvalidTensorError,
     QueueFullError,
     UnavailableError,
 )
-from service.imaging import ImageBatch
 from service.metrics import Metrics, StreamSignal
+from service.predictions import PredictRequest, PredictResult, TopK
 from service.runtime import ModelRuntime
-from service.streams import StreamInfo
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TopK:
-    """The ``k`` most probable classes of one image, most probable first."""
-
-    classes: list[int]
-    probabilities: list[float]
-
-
-@dataclass(frozen=True)
-class PredictResult:
-    """What a prediction request gets back from its forward."""
-
-    predictions: list[TopK]
-    source_predictions: list[TopK] | None
-    logits: torch.Tensor  # [N, C] float32, CPU
-    samples: int
-    drift: dict[str, Any] | None  # the drift summary, when the request asked for it
-    signal: StreamSignal | None  # the stream's signals after the forward (for the metrics)
-    stored: Future[None] | None  # the sync-durability write of the new state, if any
-
-
-@dataclass(eq=False)
-class PredictRequest:
-    """One request in the queue: a stream's images and what to do with them."""
-
-    info: StreamInfo
-    images: ImageBatch
-    adapt: bool = True
-    source: bool = False
-    top_k: int = 5
-    drift: bool = True  # compute the stream's drift summary after the forward
-    deadline: float = float("inf")  # event-loop time
-    enqueued: float = 0.0
-    future: asyncio.Future[PredictResult] = field(default_factory=lambda: _new_future())
-
-    @property
-    def count(self) -> int:
-        """Images in the request."""
-        return self.images.count
-
-
-def _new_future() -> asyncio.Future[PredictResult]:
-    return asyncio.get_running_loop().create_future()
 
 
 class _Defer:
@@ -270,7 +224,9 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
 
     Streams are loaded into slots first (streams of this batch are never evicted for each
     other); a request whose stream cannot get a slot now is deferred, one whose stream is gone
-    fails alone. An exception of the engine's forward propagates: the whole batch failed.
+    fails alone, and so does one the engine refused (its new state would not have been finite
+    or valid: InvalidStateError, the stream unchanged). An exception of the engine's forward
+    propagates: the whole batch failed.
     """
     slots, engine = runtime.slots, runtime.engine
     pinned = frozenset(r.info.id for r in batch)
@@ -299,7 +255,8 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
         parts.append(runtime.to_device(torch.cat(inputs)))
     x = parts[0] if len(parts) == 1 else torch.cat(parts)
     segments = [(resident.handle, request.count) for _, request, resident in ready]
-    logits = engine.forward(x, segments, adapt=[request.adapt for _, request, _ in ready])
+    result = engine.forward(x, segments, adapt=[request.adapt for _, request, _ in ready])
+    logits = result.logits
     source_rows = [
         (start, request.count)
         for start, (_, request, _) in zip(_starts(ready), ready, strict=True)
@@ -313,20 +270,36 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
     top = _top_k(logits, k)
     source_top = _top_k(source_logits, k) if source_logits is not None else None
     logits_cpu = logits.cpu()
+    refusals = result.refusals()  # the forward is over: reading its flags back waits no more
     # The observer changes only when a stream adapts: only then are its signals new. Every
     # protocol's requests go through here, so every stream's signals stay current.
-    observed = [res.handle for _, r, res in ready if r.adapt or r.drift]
+    observed = [
+        res.handle
+        for (_, r, res), no in zip(ready, refusals, strict=True)
+        if (r.adapt or r.drift) and not no
+    ]
     summaries = iter(engine.drift_summaries(observed))
     now = time.time()
     source_offset = 0
-    for start, (index, request, resident) in zip(_starts(ready), ready, strict=True):
+    for start, (index, request, resident), refusal in zip(
+        _starts(ready), ready, refusals, strict=True
+    ):
         stop = start + request.count
         source_predictions = None
         if source_top is not None and request.source:
             end = source_offset + request.count
             source_predictions = _slice(source_top, source_offset, end, request.top_k)
             source_offset = end
+        if refusal is not None:
+            outcomes[index] = InvalidStateError(refusal)
+            continue
         summary = next(summaries) if request.adapt or request.drift else None
+        if source_predictions is not None and not _finite(source_predictions):
+            outcomes[index] = InvalidTensorError(
+                "the unadapted model's probabilities for these inputs are not finite "
+                "(the stream's state did adapt to them); send inputs within the model's range"
+            )
+            continue
         stored = None
         if request.adapt:
             resident.samples += request.count
@@ -344,6 +317,10 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
             stored=stored,
         )
     return [o if o is not None else DEFER for o in outcomes]
+
+
+def _finite(predictions: list[TopK]) -> bool:
+    return all(math.isfinite(p) for top in predictions for p in top.probabilities)
 
 
 def _starts(ready: list) -> list[int]:

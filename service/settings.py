@@ -79,7 +79,22 @@ class Settings(BaseSettings):
     )
     flush_interval_s: float = Field(default=5.0, gt=0, description="period of the interval flush")
     slots_per_pool: int = Field(
-        default=256, ge=1, description="stream slots per (model, adapter) state pool"
+        default=256,
+        ge=1,
+        description="most stream slots of one (model, adapter, state structure) pool; a pool "
+        "starts with 4 and doubles on demand",
+    )
+    max_state_bytes: int = Field(
+        default=2 << 30,
+        ge=0,
+        description="bound on the memory of a model's stream states, in bytes (0: none); "
+        "beyond, new streams are refused with 507 (docs/performance.md: bytes per stream)",
+    )
+    max_state_header_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="largest header of an imported state, in bytes (0: derived from the "
+        "model's state layout)",
     )
     max_streams: int = Field(
         default=1024, ge=1, description="streams in slots per model; beyond, LRU ones are evicted"

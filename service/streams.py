@@ -24,14 +24,14 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
-from adapters import StateMismatchError, get_adapter
+from adapters import ADAPTERS, StateMismatchError, get_adapter
 from adapters.engine import Engine, PoolKey, StreamHandle
-from adapters.pool import PoolFullError
+from adapters.pool import PoolFullError, StateMemoryError
 from service.errors import (
     CapacityError,
     InvalidStreamIdError,
@@ -39,14 +39,14 @@ from service.errors import (
     StoreUnavailableError,
     StreamExistsError,
     StreamNotFoundError,
+    UnusableStateError,
 )
 from service.metrics import Metrics, ObservedStream, StreamSignal
 from service.stores import StateStore, StoreError, StreamInfo, StreamRecord
 
-if TYPE_CHECKING:
-    from service.runtime import ModelRuntime
-
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SERVICE_METADATA_KEY = "tta-serve.service"
@@ -97,10 +97,28 @@ def read_metadata(state: bytes) -> dict[str, Any]:
     return metadata if isinstance(metadata, dict) else {}
 
 
+MAX_SAMPLES = 2**53  # every count up to it is exact in a float64 (and in any JSON parser)
+
+
 def samples_of(state: bytes) -> int:
-    """The number of images a stored stream has adapted to (0 when unknown)."""
+    """The number of images a stored or imported stream has adapted to (0 when absent).
+
+    StateMismatchError unless it is an integer (not a bool) from 0 to 2**53.
+    """
     samples = read_metadata(state).get("samples", 0)
-    return samples if isinstance(samples, int) and samples >= 0 else 0
+    if type(samples) is not int or not 0 <= samples <= MAX_SAMPLES:
+        raise StateMismatchError(
+            f"the state's sample count {str(samples)[:40]} is not an integer from 0 to 2**53"
+        )
+    return samples
+
+
+def listed_samples(state: bytes) -> int:
+    """The sample count to list a stored stream with: 0 where the record's is invalid."""
+    try:
+        return samples_of(state)
+    except StateMismatchError:
+        return 0
 
 
 def signal_of(state: bytes) -> StreamSignal | None:
@@ -266,19 +284,65 @@ class StreamSlots:
             raise StreamNotFoundError(f"stream {info.id!r} not found")
         handle = self._allocate(info, info.seed, pinned)
         try:
+            samples = samples_of(record.state)
             handle = self.engine.import_stream(handle, record.state)
         except StateMismatchError as error:
             self.engine.close_stream(handle)
-            raise StoreUnavailableError(
-                f"the stored state of stream {info.id!r} is unusable: {error}"
+            raise UnusableStateError(
+                f"the stored state of stream {info.id!r} cannot be loaded ({error}): "
+                "reset the stream or import a state"
             ) from None
-        resident = Resident(info, handle, samples_of(record.state), signal_of(record.state))
+        resident = Resident(info, handle, samples, signal_of(record.state))
         self.resident[info.id] = resident
         self._count()
         return resident
 
+    def claim(self, info: StreamInfo) -> Resident:
+        """The stream's slot for replacing its whole state (reset, import), without loading it.
+
+        A resident stream keeps its slot; any other gets a fresh one, so a stored state that
+        cannot be loaded never stands in the way of the operations that replace it.
+        """
+        resident = self.resident.get(info.id)
+        if resident is None:
+            return self.open(info)
+        if resident.info.created_at != info.created_at:
+            raise StreamNotFoundError(f"stream {info.id!r} not found (it was deleted)")
+        self.resident.move_to_end(info.id)
+        return resident
+
+    def newest(self, info: StreamInfo) -> StreamRecord | None:
+        """The stream's newest record: its resident state, else the store's record (not parsed).
+
+        What an operation that fails on the store puts back (StoreError if the store is down).
+        """
+        resident = self.resident.get(info.id)
+        if resident is not None and resident.info.created_at == info.created_at:
+            return resident.info.record(self.export(resident))
+        return self.writer.get(info.id, info.model)
+
+    def restore(self, info: StreamInfo, before: StreamRecord | None) -> None:
+        """Undo a replaced state whose store write failed: the stream is as ``before`` again.
+
+        ``before`` is written again, after the failed write, so the store ends with it too.
+        """
+        resident = self.resident.get(info.id)
+        if resident is not None and before is not None:
+            try:
+                resident.samples = samples_of(before.state)
+                resident.signal = signal_of(before.state)
+                resident.handle = self.engine.import_stream(resident.handle, before.state)
+                resident.info = replace(resident.info, seed=resident.handle.seed)
+                resident.dirty = False
+            except StateMismatchError:
+                self.close(info.id)  # it could not be loaded before either: it stays stored only
+        elif resident is not None:
+            self.close(info.id)
+        if before is not None:
+            self.writer.put(before)
+
     def close(self, stream_id: str) -> None:
-        """Free the stream's slot without saving it (deletion)."""
+        """Free the stream's slot without saving it."""
         resident = self.resident.pop(stream_id, None)
         if resident is not None:
             self.engine.close_stream(resident.handle)
@@ -319,30 +383,67 @@ class StreamSlots:
     def _allocate(self, info: StreamInfo, seed: int | None, pinned: frozenset[str]) -> StreamHandle:
         """A slot for the stream, evicting LRU streams (never a pinned one) to make room."""
         while len(self.resident) >= self.max_streams:
-            self._evict_lru(pinned, None)
+            if not self._evict_lru(pinned, None):
+                raise self._capacity_error()
         key = self.engine.pool_key(info.adapter, info.config)
         while True:
             try:
                 return self.engine.open_stream(info.adapter, info.config, seed)
-            except PoolFullError:
-                self._evict_lru(pinned, key)
+            except PoolFullError as error:
+                # A full pool, or one that may not grow: an LRU stream of it makes room.
+                if self._evict_lru(pinned, key):
+                    continue
+                if isinstance(error, StateMemoryError):
+                    self.metrics.state_memory_refusals.labels(self.model).inc()
+                    raise
+                raise self._capacity_error() from None
 
-    def _evict_lru(self, pinned: frozenset[str], key: PoolKey | None) -> None:
+    def _evict_lru(self, pinned: frozenset[str], key: PoolKey | None) -> bool:
         for stream_id, resident in self.resident.items():
             if stream_id in pinned or (key is not None and resident.handle.pool != key):
                 continue
             self.evict(stream_id)
-            return
-        raise CapacityError(
+            return True
+        return False
+
+    def _capacity_error(self) -> CapacityError:
+        return CapacityError(
             f"every stream slot of model {self.model} is in use by requests in flight "
             f"(max_streams={self.max_streams}, slots_per_pool={self.engine.capacity})"
         )
 
     def _count(self) -> None:
         self.metrics.streams_active.labels(self.model).set(len(self.resident))
+        held = self.engine.state_bytes()
+        for adapter in ADAPTERS:
+            self.metrics.state_memory.labels(self.model, adapter).set(held.get(adapter, 0))
 
 
 # --- registry (event loop) -------------------------------------------------------------------
+
+
+class ModelThread(Protocol):
+    """What the registry needs of a served model: ``service.runtime.ModelRuntime``.
+
+    A protocol, so that this module does not import the runtime, which is built on it.
+    """
+
+    @property
+    def engine(self) -> Engine:
+        """The model's engine (only its thread-safe parts are used off its thread)."""
+        ...
+
+    @property
+    def slots(self) -> StreamSlots:
+        """The model's slots (engine thread only)."""
+        ...
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model's engine thread."""
+        ...
+
+
+R = TypeVar("R", bound=ModelThread)
 
 
 @dataclass(eq=False)
@@ -355,7 +456,7 @@ class StreamEntry:
     signal: StreamSignal | None = None
 
 
-class StreamRegistry:
+class StreamRegistry(Generic[R]):
     """Every registered stream of the app, across its models; used on the event loop only.
 
     Args:
@@ -368,7 +469,7 @@ class StreamRegistry:
 
     def __init__(
         self,
-        runtimes: dict[str, ModelRuntime],
+        runtimes: Mapping[str, R],
         writer: StoreWriter,
         *,
         sync: bool,
@@ -387,7 +488,7 @@ class StreamRegistry:
 
     # --- lookup ---
 
-    def runtime(self, model: str) -> ModelRuntime:
+    def runtime(self, model: str) -> R:
         """The runtime of a served model; ModelNotServedError otherwise."""
         try:
             return self.runtimes[model]
@@ -433,7 +534,7 @@ class StreamRegistry:
         return StreamEntry(
             StreamInfo.of(record),
             last_used=self.clock(),
-            samples=samples_of(record.state),
+            samples=listed_samples(record.state),
             signal=signal_of(record.state),
         )
 
@@ -504,26 +605,49 @@ class StreamRegistry:
         return _Opened(resident.info, slots.persist(resident))
 
     async def delete(self, stream_id: str) -> None:
-        """Forget the stream: free its slot and delete its stored state."""
+        """Forget the stream: free its slot and delete its stored state; both, or neither.
+
+        Done only once the store confirms the deletion. If it cannot (the store is down), the
+        stream is put back as it was, its newest state included, and StoreUnavailableError
+        (503) says so: the client retries, the stream never half-exists.
+        """
         entry = await self.find(stream_id)
-        del self.entries[stream_id]
         runtime = self.runtime(entry.info.model)
-        await runtime.call(runtime.slots.close, stream_id)
-        await self._wait_store(self.writer.delete(stream_id), f"delete stream {stream_id!r}")
+
+        def discard(slots: StreamSlots) -> StreamRecord | None:
+            before = self._newest(slots, entry.info)
+            slots.close(stream_id)
+            return before
+
+        del self.entries[stream_id]  # no new request finds it from here on
+        try:
+            before = await runtime.call(discard, runtime.slots)
+        except StoreUnavailableError:
+            self.entries.setdefault(stream_id, entry)
+            raise
+        try:
+            await self._wait_store(self.writer.delete(stream_id), f"delete stream {stream_id!r}")
+        except StoreUnavailableError:
+            if before is not None:
+                self.writer.put(before)  # after the failed deletion: the store keeps the stream
+            self.entries.setdefault(stream_id, entry)
+            raise
         self._count(entry.info.model)
 
     async def reset(self, stream_id: str) -> StreamEntry:
-        """Give the stream its initial state back (same seed)."""
-        entry = await self.find(stream_id)
-        runtime = self.runtime(entry.info.model)
+        """Give the stream its initial state back (same seed), without loading its old one.
 
-        def reset(slots: StreamSlots) -> Future[None] | None:
-            resident = slots.ensure(entry.info)
+        Under sync durability the reset stands only once stored: if the store fails, the stream
+        is put back as it was and StoreUnavailableError (503) says so. Under interval
+        durability it is written at the next flush, like every other change.
+        """
+        entry = await self.find(stream_id)
+
+        def reset(slots: StreamSlots, resident: Resident) -> None:
             slots.engine.reset_stream(resident.handle)
             resident.samples, resident.signal = 0, None
-            return self._changed(slots, resident)
 
-        await self._wait_store(await runtime.call(reset, runtime.slots), "save the reset state")
+        await self._replace(entry, reset, "save the reset state")
         entry.samples, entry.signal = 0, None
         return entry
 
@@ -538,23 +662,66 @@ class StreamRegistry:
         return await runtime.call(export, runtime.slots)
 
     async def import_state(self, stream_id: str, data: bytes) -> StreamEntry:
-        """Replace the stream's state by an exported one, checked against its model and adapter."""
+        """Replace the stream's state by an exported one, checked against its model and adapter.
+
+        The bytes are parsed and checked in a worker thread (bounded: header size, number of
+        tensors, values); only the copy into the stream's slot runs on the engine thread, so a
+        hostile file never holds up other streams. Store failures as for :meth:`reset`.
+        """
         entry = await self.find(stream_id)
         runtime = self.runtime(entry.info.model)
+        info = entry.info
+        imported = await asyncio.to_thread(
+            runtime.engine.parse_state, info.adapter, info.config, data
+        )
+        samples = samples_of(data)
 
-        def load(slots: StreamSlots) -> tuple[Resident, Future[None] | None]:
-            resident = slots.ensure(entry.info)
-            handle = slots.engine.import_stream(resident.handle, data)
-            resident.handle = handle
-            resident.info = replace(resident.info, seed=handle.seed)
-            resident.samples, resident.signal = samples_of(data), signal_of(data)
-            return resident, self._changed(slots, resident)
+        def load(slots: StreamSlots, resident: Resident) -> None:
+            resident.handle = slots.engine.load_stream(resident.handle, imported)
+            resident.info = replace(resident.info, seed=resident.handle.seed)
+            resident.samples, resident.signal = samples, signal_of(data)
 
-        resident, future = await runtime.call(load, runtime.slots)
+        resident = await self._replace(entry, load, "save the imported state")
         # The exporter's seed becomes the stream's: a later reset re-creates its initial state.
-        entry.info, entry.samples, entry.signal = resident.info, resident.samples, resident.signal
-        await self._wait_store(future, "save the imported state")
+        entry.info, entry.samples, entry.signal = resident.info, samples, resident.signal
         return entry
+
+    async def _replace(
+        self, entry: StreamEntry, change: Callable[[StreamSlots, Resident], None], action: str
+    ) -> Resident:
+        """Replace the stream's whole state with ``change`` on the engine thread; both or neither.
+
+        Under sync durability the stream's newest record is kept first; if the store then
+        fails to save the new state, the stream is restored to it (and it is written again).
+        """
+        runtime = self.runtime(entry.info.model)
+
+        def apply(slots: StreamSlots) -> tuple[Resident, StreamRecord | None, Future[None] | None]:
+            before = self._newest(slots, entry.info) if self.sync else None
+            claimed = entry.info.id not in slots.resident
+            resident = slots.claim(entry.info)
+            try:
+                change(slots, resident)
+            except BaseException:
+                if claimed:  # its fresh slot must not stand for the stored state
+                    slots.close(entry.info.id)
+                raise
+            return resident, before, self._changed(slots, resident)
+
+        resident, before, future = await runtime.call(apply, runtime.slots)
+        try:
+            await self._wait_store(future, action)
+        except StoreUnavailableError:
+            await runtime.call(runtime.slots.restore, entry.info, before)
+            raise
+        return resident
+
+    @staticmethod
+    def _newest(slots: StreamSlots, info: StreamInfo) -> StreamRecord | None:
+        try:
+            return slots.newest(info)
+        except StoreError as error:
+            raise StoreUnavailableError(f"cannot read stream {info.id!r}: {error}") from None
 
     async def drift(self, stream_id: str) -> dict[str, Any]:
         """The stream's full drift report."""

@@ -21,7 +21,7 @@ class AppState:
     settings: Settings
     metrics: Metrics
     runtimes: dict[str, ModelRuntime] = field(default_factory=dict)
-    registry: StreamRegistry | None = None
+    registry: StreamRegistry[ModelRuntime] | None = None
     ready: bool = False
     shutting_down: bool = False
 
@@ -37,7 +37,7 @@ def get_settings(request: Request) -> Settings:
     return get_app_state(request).settings
 
 
-def get_registry(request: Request) -> StreamRegistry:
+def get_registry(request: Request) -> StreamRegistry[ModelRuntime]:
     """The stream registry, once the models are loaded; 503 before and while shutting down."""
     state = get_app_state(request)
     if state.shutting_down:
@@ -49,4 +49,4 @@ def get_registry(request: Request) -> StreamRegistry:
 
 AppStateDep = Annotated[AppState, Depends(get_app_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-RegistryDep = Annotated[StreamRegistry, Depends(get_registry)]
+RegistryDep = Annotated[StreamRegistry[ModelRuntime], Depends(get_registry)]

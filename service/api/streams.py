@@ -24,7 +24,8 @@ from service.errors import (
     describe_validation,
 )
 from service.imaging import ImageBatch, decode_images, decode_tensor, parse_shape
-from service.scheduler import PredictRequest, PredictResult, TopK
+from service.predictions import PredictRequest, PredictResult, TopK
+from service.runtime import ModelRuntime
 from service.schemas import (
     Base64Images,
     ClassScore,
@@ -115,14 +116,23 @@ async def read_stream(stream_id: str, registry: RegistryDep) -> StreamPublic:
 
 @router.delete("/{stream_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_stream(stream_id: str, registry: RegistryDep) -> Response:
-    """Delete a stream and its stored state."""
+    """Delete a stream and its stored state: both, or neither.
+
+    Done once the store confirms it; if the store is down the answer is 503
+    ``store_unavailable`` and the stream is left exactly as it was (retry later).
+    """
     await registry.delete(stream_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{stream_id}/reset")
 async def reset_stream(stream_id: str, registry: RegistryDep) -> StreamPublic:
-    """Give the stream back its initial state."""
+    """Give the stream back its initial state (its stored state is not loaded for it).
+
+    With ``durability=sync`` the reset stands only once stored: a store failure answers 503
+    ``store_unavailable`` and leaves the stream as it was. With ``interval`` it is stored at the
+    next flush, like any change.
+    """
     return stream_public(await registry.reset(stream_id))
 
 
@@ -151,7 +161,12 @@ async def export_state(stream_id: str, registry: RegistryDep) -> Response:
     },
 )
 async def import_state(stream_id: str, request: Request, registry: RegistryDep) -> StreamPublic:
-    """Replace the stream's state by an exported one of the same model, adapter and config."""
+    """Replace the stream's state by an exported one of the same model, adapter and config.
+
+    Refused with 422 (``state_mismatch``, or ``invalid_state`` for values that are not finite or
+    break the adapter's bounds, such as a negative variance) before anything changes. Store
+    failures as for reset.
+    """
     await registry.find(stream_id)
     _require_media_type(request, (OCTET_STREAM,))
     data = await request.body()
@@ -214,7 +229,7 @@ async def predict(
 
 
 async def run_prediction(
-    registry: StreamRegistry,
+    registry: StreamRegistry[ModelRuntime],
     entry: StreamEntry,
     images: ImageBatch,
     settings: Settings,

@@ -37,7 +37,7 @@ def layer_input(n: int, seed: int, shift: float = 0.0, size: int = 8, channels: 
 
 
 def layer_output(engine: Engine, x: torch.Tensor, stream, **kwargs) -> torch.Tensor:
-    return engine.forward(x, [(stream, x.shape[0])], **kwargs).reshape(x.shape)
+    return engine.forward(x, [(stream, x.shape[0])], **kwargs).logits.reshape(x.shape)
 
 
 def layer_state(engine: Engine, stream, name: str) -> torch.Tensor:
@@ -58,7 +58,7 @@ def test_source_equivalence(adapter: str, config: dict) -> None:
     stream = engine.open_stream(adapter, config)
     for seed in range(3):
         x = images(7, seed, shift=1.0)
-        torch.testing.assert_close(engine.forward(x, [(stream, 7)]), net(x).detach())
+        torch.testing.assert_close(engine.forward(x, [(stream, 7)]).logits, net(x).detach())
 
 
 def test_adabn_large_prior_approaches_the_source() -> None:
@@ -67,7 +67,9 @@ def test_adabn_large_prior_approaches_the_source() -> None:
     engine = Engine(net, num_classes=5)
     stream = engine.open_stream("adabn", {"prior_images": 1e9})
     x = images(6, 0, shift=1.0)
-    torch.testing.assert_close(engine.forward(x, [(stream, 6)]), net(x).detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        engine.forward(x, [(stream, 6)]).logits, net(x).detach(), atol=1e-4, rtol=0
+    )
 
 
 def test_plain_forward_is_the_source_model() -> None:
@@ -95,7 +97,9 @@ def test_first_batch_is_train_mode_batchnorm(adapter: str, config: dict) -> None
     x = images(9, 0, shift=2.0)
     with torch.no_grad():
         expected = train_mode(x)
-    torch.testing.assert_close(engine.forward(x, [(stream, 9)]), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        engine.forward(x, [(stream, 9)]).logits, expected, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_alpha_bn_unbiased_variance_is_tta_libs() -> None:
@@ -209,10 +213,12 @@ def test_unmix_output_of_an_image_does_not_depend_on_the_batch() -> None:
     config = {"seed": 3}
     x = images(6, 0, shift=0.7)
     reference = engine.open_stream("unmix_tns", config)
-    together = engine.forward(x, [(reference, 6)], adapt=False)
+    together = engine.forward(x, [(reference, 6)], adapt=False).logits
     for perm in ([5, 4, 3, 2, 1, 0], [2], [0, 3]):
         probe = engine.open_stream("unmix_tns", config)
-        got = engine.forward(x[perm], [(probe, len(perm))])  # adapting: state changes only after
+        got = engine.forward(
+            x[perm], [(probe, len(perm))]
+        ).logits  # adapting: state changes only after
         torch.testing.assert_close(got, together[perm], rtol=1e-5, atol=1e-5)
         engine.close_stream(probe)
 

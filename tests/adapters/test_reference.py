@@ -38,7 +38,7 @@ def test_mixed_batches_match_the_per_stream_reference() -> None:
         chunks = [
             images(n, seed=1000 * round_ + i, shift=0.3 * (i % 3)) for i, n in enumerate(sizes)
         ]
-        got = engine.forward(torch.cat(chunks), list(zip(handles, sizes, strict=True)))
+        got = engine.forward(torch.cat(chunks), list(zip(handles, sizes, strict=True))).logits
         expected = torch.cat([ref(chunk) for ref, chunk in zip(references, chunks, strict=True)])
         for i, (name, _) in enumerate(STREAMS):
             start, stop = sum(sizes[:i]), sum(sizes[: i + 1])
@@ -60,9 +60,12 @@ def test_stream_order_in_the_batch_does_not_matter() -> None:
     b = [second.open_stream(kind, seed=i) for i, kind in enumerate(kinds)]
     x = images(10, seed=3, shift=0.5)
     sizes = [3, 2, 4, 1]
-    mixed = first.forward(x, list(zip(a, sizes, strict=True)))
+    mixed = first.forward(x, list(zip(a, sizes, strict=True))).logits
     offsets = [0, 3, 5, 9]
     alone = torch.cat(
-        [second.forward(x[o : o + n], [(h, n)]) for h, o, n in zip(b, offsets, sizes, strict=True)]
+        [
+            second.forward(x[o : o + n], [(h, n)]).logits
+            for h, o, n in zip(b, offsets, sizes, strict=True)
+        ]
     )
     torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)

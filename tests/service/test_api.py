@@ -119,7 +119,7 @@ def test_predictions_equal_the_engine(
         )
         assert response.status_code == 200, response.text
         body = response.json()
-        expected = engine.forward(normalized(pixels), [(handle, 4)]).softmax(1)
+        expected = engine.forward(normalized(pixels), [(handle, 4)]).logits.softmax(1)
         for row, prediction in enumerate(body["predictions"]):
             got = torch.zeros(10)
             for score in prediction["top_k"]:

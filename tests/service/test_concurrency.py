@@ -108,7 +108,7 @@ def check_concurrent_streams(
             adapter, created[stream_id]["config"], created[stream_id]["seed"]
         )
         for _, pixels, predictions in ordered:
-            expected = engine.forward(normalized(pixels), [(handle, len(pixels))]).softmax(1)
+            expected = engine.forward(normalized(pixels), [(handle, len(pixels))]).logits.softmax(1)
             got = torch.zeros_like(expected)
             for row, prediction in enumerate(predictions):
                 for score in prediction["top_k"]:

@@ -7,8 +7,8 @@ import json
 import pydantic
 import pytest
 
-from adapters import ADAPTERS, StateMismatchError, UnknownAdapterError
-from adapters.pool import PoolFullError
+from adapters import ADAPTERS, InvalidStateError, StateMismatchError, UnknownAdapterError
+from adapters.pool import PoolFullError, StateMemoryError
 from models import ModelError, UnknownModelError
 from service import errors
 from service.stores import StoreError
@@ -29,9 +29,12 @@ CASES = [
     (errors.DeadlineExceededError("bad"), 504, "deadline_exceeded"),
     (errors.ForwardError("bad"), 500, "forward_failed"),
     (errors.StoreUnavailableError("bad"), 503, "store_unavailable"),
+    (errors.UnusableStateError("bad"), 409, "state_unusable"),
     (UnknownModelError("x", ["a"]), 404, "model_not_found"),
     (UnknownAdapterError("x", ["a"]), 422, "unknown_adapter"),
+    (InvalidStateError("bad"), 422, "invalid_state"),
     (StateMismatchError("bad"), 422, "state_mismatch"),
+    (StateMemoryError("bad"), 507, "state_memory_exhausted"),
     (PoolFullError("bad"), 503, "capacity_exhausted"),
     (StoreError("bad"), 503, "store_unavailable"),
     (ModelError("bad"), 500, "model_error"),

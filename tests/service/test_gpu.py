@@ -61,7 +61,7 @@ def test_cuda_predictions_match_the_cpu_engine(
                 )
                 assert response.status_code == 200, response.text
                 got = probabilities(response.json()["predictions"])
-                expected = engine.forward(normalized(pixels), [(handle, 32)]).softmax(1)
+                expected = engine.forward(normalized(pixels), [(handle, 32)]).logits.softmax(1)
                 if not amp:
                     torch.testing.assert_close(got, expected, rtol=0, atol=1e-2)  # TF32: 3e-3 seen
                 agree += int((got.argmax(1) == expected.argmax(1)).sum())

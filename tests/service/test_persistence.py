@@ -111,7 +111,7 @@ def test_eviction_writes_back_and_reloads(tmp_path: Path, model_cache: Path) -> 
                 pixels = random_pixels(2, 10 * round_ + index)
                 body = predict(client, f"ev-{index}", pixels)
                 assert body["samples"] == 2 * (round_ + 1)
-                expected = engine.forward(normalized(pixels), [(handles[f"ev-{index}"], 2)])
+                expected = engine.forward(normalized(pixels), [(handles[f"ev-{index}"], 2)]).logits
                 assert body["predictions"][0]["index"] == int(expected[0].argmax())
         assert counter(client, "tta_streams_evicted") >= 8
         for stream_id, handle in handles.items():

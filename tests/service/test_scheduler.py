@@ -12,8 +12,9 @@ from models import get_spec
 from service.errors import DeadlineExceededError, ForwardError, QueueFullError, UnavailableError
 from service.imaging import ImageBatch
 from service.metrics import Metrics
+from service.predictions import PredictRequest
 from service.runtime import ModelRuntime
-from service.scheduler import Batcher, PredictRequest
+from service.scheduler import Batcher
 from service.stores import MemoryStore
 from service.streams import StoreWriter, StreamInfo
 from tests.service.helpers import MODEL, reference_engine

@@ -350,7 +350,7 @@ def service_overview() -> dict[str, Any]:
         timeseries(
             "State memory",
             "Bytes of the state pools per model and adapter, and the limit TTA_MAX_STATE_BYTES "
-            "(0 = unlimited). Stream creations are refused with 429 at the limit.",
+            "(0 = unlimited). New streams are refused with 507 at the limit.",
             [
                 target("tta_state_memory_bytes", "{{model}} {{adapter}}"),
                 target("tta_state_memory_limit_bytes", "limit {{model}}"),
@@ -388,7 +388,7 @@ def service_overview() -> dict[str, Any]:
         timeseries(
             "5xx and 429 share",
             "Share of API requests answered 5xx (server failures: alert above 1 %) and 429 "
-            "(refused by a limit: alert above 5 %), over 5 minutes.",
+            "(the queue was full: alert above 5 %), over 5 minutes.",
             [
                 target("tta:http_5xx:ratio_rate5m", "5xx {{instance}}"),
                 target("tta:http_429:ratio_rate5m", "429 {{instance}}"),

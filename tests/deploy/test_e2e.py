@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from deploy import local
+from tests.service.redis_server import running_redis
 
 MODEL = "cifar10_resnet20"
 CLEAN = {"traffic-clean-0", "traffic-clean-1"}
@@ -36,13 +37,18 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Stack]:
-    """tta-serve and Prometheus (1 s scrapes and rule evaluations) after 25 s of traffic."""
+    """tta-serve (Redis store) and Prometheus (1 s scrapes and rules) after 25 s of traffic."""
     workdir = tmp_path_factory.mktemp("e2e")
     (workdir / "server").mkdir()
     (workdir / "prometheus").mkdir()
     with (
+        running_redis() as redis_url,
         local.tta_server(
-            workdir / "server", model_cache_dir=str(model_cache), metrics_top_k="10"
+            workdir / "server",
+            model_cache_dir=str(model_cache),
+            metrics_top_k="10",
+            store="redis",  # as in docker-compose.yml
+            redis_url=redis_url,
         ) as server,
         local.prometheus(server.removeprefix("http://"), workdir / "prometheus") as prometheus,
     ):

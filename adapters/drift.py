@@ -9,6 +9,7 @@ eps added to both variances (near-dead channels would otherwise dominate every r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -113,21 +114,40 @@ def drift_summaries(
 ) -> list[dict]:
     """Short drift summaries of several streams at once (one transfer to the host).
 
-    ``overall`` measures averaged over layers, windowed image count, mean entropy, confidence.
+    ``overall``, ``early`` and ``late``: the measures averaged over all, the first third and the
+    last third of the BN layers; ``images``: the window's image count; ``entropy`` (nats),
+    ``entropy_normalized`` (entropy / ln C, in [0, 1]), ``confidence`` and
+    ``dominant_class_share`` (the most predicted class's share of the window): None before any
+    image.
     """
-    overall = layer_measures(layers, sources).mean(1)
-    sums = torch.stack([head[k] for k in ("head.n", "head.entropy", "head.confidence")], -1)
-    rows = torch.cat([overall, sums.to(overall.dtype)], -1).cpu().tolist()
-    count = len(SUMMARY_MEASURES)
-    return [
-        {
-            "images": row[count],
-            "overall": dict(zip(SUMMARY_MEASURES, row[:count], strict=True)),
-            "entropy": row[count + 1] / row[count] if row[count] else None,
-            "confidence": row[count + 2] / row[count] if row[count] else None,
-        }
-        for row in rows
-    ]
+    per_layer = layer_measures(layers, sources)
+    count = _depth_count(len(sources))
+    depths = [per_layer.mean(1), per_layer[:, :count].mean(1), per_layer[:, -count:].mean(1)]
+    keys = ("head.n", "head.entropy", "head.confidence")
+    sums = torch.stack([head[k] for k in keys] + [head["head.classes"].amax(-1)], -1)
+    rows = torch.cat([*depths, sums.to(per_layer.dtype)], -1).cpu().tolist()
+    log_classes = math.log(head["head.classes"].shape[-1])
+    width = len(SUMMARY_MEASURES)
+    summaries = []
+    for row in rows:
+        overall, early, late = (
+            dict(zip(SUMMARY_MEASURES, row[i * width : (i + 1) * width], strict=True))
+            for i in range(3)
+        )
+        images, entropy, confidence, dominant = row[3 * width :]
+        summaries.append(
+            {
+                "images": images,
+                "overall": overall,
+                "early": early,
+                "late": late,
+                "entropy": entropy / images if images else None,
+                "entropy_normalized": entropy / images / log_classes if images else None,
+                "confidence": confidence / images if images else None,
+                "dominant_class_share": dominant / images if images else None,
+            }
+        )
+    return summaries
 
 
 def drift_report(layers: Sequence[State], head: State, sources: Sequence[SourceStats]) -> dict:
@@ -138,7 +158,7 @@ def drift_report(layers: Sequence[State], head: State, sources: Sequence[SourceS
     measures = layer_measures(layers, sources)[0].T.tolist()  # [measures][layers]
     per_layer = dict(zip(SUMMARY_MEASURES, measures, strict=True))
     images = float(head["head.n"][0])
-    count = max(1, round(len(sources) * EARLY_LATE_FRACTION))
+    count = _depth_count(len(sources))
     return {
         "images": images,
         "layers": per_layer,
@@ -149,6 +169,11 @@ def drift_report(layers: Sequence[State], head: State, sources: Sequence[SourceS
         "confidence": float(head["head.confidence"][0]) / images if images else None,
         "class_frequencies": (head["head.classes"][0] / images).tolist() if images else None,
     }
+
+
+def _depth_count(layers: int) -> int:
+    """How many BN layers the early and late measures average over."""
+    return max(1, round(layers * EARLY_LATE_FRACTION))
 
 
 def _mean(values: list[float]) -> float:

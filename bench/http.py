@@ -21,9 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,6 +34,7 @@ import numpy as np
 import torch
 
 from bench.report import command_line, machine, table, write_section
+from deploy.local import tta_server
 
 log = logging.getLogger(__name__)
 
@@ -45,42 +43,14 @@ MODEL = "cifar10_resnet20"
 
 @contextlib.contextmanager
 def local_server(device: str, store: str = "memory") -> Iterator[str]:
-    """A tta-serve process on a free loopback port, stopped at exit (its data in a temp dir)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "TTA_PORT": str(port),
-        "TTA_HOST": "127.0.0.1",
-        "TTA_STORE": store,
-        "TTA_DEVICE": device,
-        "TTA_LOG_LEVEL": "warning",
-        "TTA_MAX_STREAMS": "4096",
-        "TTA_SLOTS_PER_POOL": "512",
-    }
-    with tempfile.TemporaryDirectory() as data:
-        env["TTA_DATA_DIR"] = data
-        process = subprocess.Popen([sys.executable, "-m", "service.main"], env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                        break
-                if process.poll() is not None:
-                    raise RuntimeError("the server exited during start-up")
-                time.sleep(0.3)
-            else:
-                raise RuntimeError("the server did not become ready in 120 s")
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    """A tta-serve process on a free loopback port (its data in a temp dir), stopped at exit."""
+    with (
+        tempfile.TemporaryDirectory() as data,
+        tta_server(
+            Path(data), store=store, device=device, max_streams="4096", slots_per_pool="512"
+        ) as url,
+    ):
+        yield url
 
 
 class LoadClient:

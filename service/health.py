@@ -34,6 +34,11 @@ class StoreHealth:
         self._checked_at: float | None = None
         self._reachable = True
 
+    @property
+    def answered(self) -> bool:
+        """Whether the store answered its last ping (True before the first), without pinging."""
+        return self._reachable
+
     async def reachable(self) -> bool:
         """Whether the store answered its last ping (pinged again if that is too old)."""
         async with self._lock:

@@ -26,7 +26,7 @@ from service.api.deps import AppState
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.health import StoreHealth
-from service.metrics import Metrics
+from service.metrics import Metrics, TroubleThresholds
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware, ServedByMiddleware
 from service.runtime import load_runtime, resolve_device
 from service.scheduler import Batcher
@@ -54,6 +54,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     state = AppState(settings=settings, metrics=metrics or Metrics())
+    state.metrics.ready.set_function(lambda: float(is_ready(state)))
     app = FastAPI(
         title="tta-serve",
         summary="Test-time adaptation of BatchNorm statistics, per client stream",
@@ -161,6 +162,7 @@ async def _start(state: AppState, store: StateStore) -> None:
     """Load the models, restore the stored streams, start the batchers and periodic jobs."""
     settings, metrics = state.settings, state.metrics
     state.store = store
+    metrics.store_up.set(1)  # it answered (each store operation updates it from now on)
     state.writer = writer = StoreWriter(store, metrics)
     device = resolve_device(settings.device)
     for name in settings.models:
@@ -199,7 +201,10 @@ async def _start(state: AppState, store: StateStore) -> None:
         )
         batcher.start()
         runtime.batcher = batcher
-    metrics.track_top_streams(registry.signals, settings.metrics_top_k)
+    metrics.track_streams(
+        registry.observed, settings.models, trouble_thresholds(settings), settings.metrics_top_k
+    )
+    metrics.track_gpus([device])
     state.tasks = [
         asyncio.create_task(_every(settings.flush_interval_s, registry.flush), name="flush"),
         asyncio.create_task(_every(EXPIRY_PERIOD_S, registry.expire), name="expire"),
@@ -231,6 +236,24 @@ async def _stop(state: AppState) -> None:
     if state.store is not None:
         state.store.close()
     logger.info("stopped: every changed stream was flushed")
+
+
+def is_ready(state: AppState) -> bool:
+    """Readiness as ``/v2/health/ready`` last found it (the store's last ping, not a new one)."""
+    store_answers = state.store_health is None or state.store_health.answered
+    return state.ready and not state.shutting_down and store_answers
+
+
+def trouble_thresholds(settings: Settings) -> TroubleThresholds:
+    """The settings' thresholds of a stream "in trouble"."""
+    return TroubleThresholds(
+        drift_early=settings.trouble_drift_early,
+        drift_late=settings.trouble_drift_late,
+        entropy_high=settings.trouble_entropy_high,
+        entropy_low=settings.trouble_entropy_low,
+        dominant_share=settings.trouble_dominant_share,
+        min_images=settings.trouble_min_images,
+    )
 
 
 async def _every(period_s: float, job: Callable[[], Awaitable[object]]) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response, for_route
@@ -53,11 +55,25 @@ class BodyLimitMiddleware:
 
 
 class MetricsMiddleware:
-    """Count requests and time them by route template (never by raw path), method and status."""
+    """Count requests and time them by route template (never by raw path), method and status.
+
+    Requests in flight are counted by the template of the route that will serve them, matched
+    before the app runs against the app's OpenAPI paths (the router sets the scope's route only
+    as it dispatches, too late to count the request from its start).
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._templates: list[tuple[re.Pattern[str], str]] | None = None
+
+    def matched_template(self, scope: Scope) -> str:
+        """The path template of the route the request is for, or "unmatched"."""
+        if self._templates is None:
+            paths = scope["app"].openapi().get("paths", {})
+            self._templates = [(compile_path(path)[0], path) for path in paths]
+        path = scope.get("path", "")
+        return next((t for regex, t in self._templates if regex.match(path)), "unmatched")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Record the request once its response has started."""
@@ -66,6 +82,8 @@ class MetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        in_flight = self.metrics.http_in_flight.labels(self.matched_template(scope))
+        in_flight.inc()
 
         async def record(message: Message) -> None:
             nonlocal status
@@ -76,6 +94,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, record)
         finally:
+            in_flight.dec()
             template = route_template(scope)
             method = scope.get("method", "")
             self.metrics.requests.labels(template, method, str(status)).inc()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from service.imaging import ImageBatch
+from service.metrics import StreamSignal
 from service.stores import StreamInfo
 
 
@@ -29,7 +30,8 @@ class PredictResult:
     source_predictions: list[TopK] | None
     logits: torch.Tensor  # [N, C] float32, CPU
     samples: int
-    drift: dict[str, Any] | None
+    drift: dict[str, Any] | None  # the drift summary, when the request asked for it
+    signal: StreamSignal | None  # the stream's signals after the forward (for the metrics)
     stored: Future[None] | None  # the sync-durability write of the new state, if any
 
 

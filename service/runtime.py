@@ -140,5 +140,6 @@ def load_runtime(
         str(spec.num_classes),
         "x".join(str(s) for s in spec.input_size),
     ).set(1)
+    metrics.add_model(spec.name)
     logger.info("loaded model %s on %s", spec.name, device)
     return ModelRuntime(engine, spec, writer, max_streams, metrics)

@@ -29,7 +29,7 @@ from service.errors import (
     QueueFullError,
     UnavailableError,
 )
-from service.metrics import Metrics
+from service.metrics import Metrics, StreamSignal
 from service.predictions import PredictRequest, PredictResult, TopK
 from service.runtime import ModelRuntime
 
@@ -75,6 +75,7 @@ class Batcher:
         self._carry: deque[PredictRequest] = deque()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        metrics.max_queue.labels(runtime.name).set(max_queue)
         metrics.queue_depth.labels(runtime.name).set_function(
             lambda: self.queue.qsize() + len(self._carry)
         )
@@ -270,15 +271,15 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
     source_top = _top_k(source_logits, k) if source_logits is not None else None
     logits_cpu = logits.cpu()
     refusals = result.refusals()  # the forward is over: reading its flags back waits no more
-    drifts = iter(
-        engine.drift_summaries(
-            [
-                res.handle
-                for (_, r, res), no in zip(ready, refusals, strict=True)
-                if r.drift and not no
-            ]
-        )
-    )
+    # The observer changes only when a stream adapts: only then are its signals new. Every
+    # protocol's requests go through here, so every stream's signals stay current.
+    observed = [
+        res.handle
+        for (_, r, res), no in zip(ready, refusals, strict=True)
+        if (r.adapt or r.drift) and not no
+    ]
+    summaries = iter(engine.drift_summaries(observed))
+    now = time.time()
     source_offset = 0
     for start, (index, request, resident), refusal in zip(
         _starts(ready), ready, refusals, strict=True
@@ -292,6 +293,7 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
         if refusal is not None:
             outcomes[index] = InvalidStateError(refusal)
             continue
+        summary = next(summaries) if request.adapt or request.drift else None
         if source_predictions is not None and not _finite(source_predictions):
             outcomes[index] = InvalidTensorError(
                 "the unadapted model's probabilities for these inputs are not finite "
@@ -301,6 +303,7 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
         stored = None
         if request.adapt:
             resident.samples += request.count
+            resident.signal = StreamSignal.of(summary or {}, now)
             resident.dirty = True
             if sync:
                 stored = slots.persist(resident)
@@ -309,7 +312,8 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
             source_predictions=source_predictions,
             logits=logits_cpu[start:stop],
             samples=resident.samples,
-            drift=next(drifts) if request.drift else None,
+            drift=summary if request.drift else None,
+            signal=resident.signal,
             stored=stored,
         )
     return [o if o is not None else DEFER for o in outcomes]

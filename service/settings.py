@@ -182,7 +182,29 @@ class Settings(BaseSettings):
 
     # --- metrics ---
     metrics_top_k: int = Field(
-        default=10, ge=0, description="streams with per-stream drift gauges (top-K by drift)"
+        default=10, ge=0, description="streams with per-stream gauges (top-K by severity)"
+    )
+    # When a stream is "in trouble": calibrated on CIFAR-10 with `python -m bench.signals`
+    # (docs/metrics.md): clean streams stay below, severe corruptions go above, with margin.
+    trouble_drift_early: float = Field(
+        default=0.15, gt=0, description="early-layer drift (Jeffreys) above which a stream drifts"
+    )
+    trouble_drift_late: float = Field(
+        default=0.04, gt=0, description="late-layer drift (Jeffreys) above which a stream drifts"
+    )
+    trouble_entropy_high: float = Field(
+        default=0.15, gt=0, le=1, description="normalised prediction entropy that is too high"
+    )
+    trouble_entropy_low: float = Field(
+        default=0.03, ge=0, le=1, description="normalised entropy below which predictions collapsed"
+    )
+    trouble_dominant_share: float = Field(
+        default=0.5, gt=0, le=1, description="share of one class above which predictions collapsed"
+    )
+    trouble_min_images: int = Field(
+        default=64,
+        ge=1,
+        description="images in the observer window before a stream can be in trouble",
     )
 
     def pixel_limit(self, spec: ModelSpec) -> int:

@@ -49,7 +49,7 @@ from service.errors import (
     StreamNotFoundError,
     UnusableStateError,
 )
-from service.metrics import Metrics, StreamSignal
+from service.metrics import Metrics, ObservedStream, StreamSignal
 from service.stores import (
     NO_LEASE,
     Lease,
@@ -144,6 +144,11 @@ def store_failure(error: StoreError, action: str) -> ServiceError:
     return StoreUnavailableError(f"cannot {action}: {error}")
 
 
+def signal_of(state: bytes) -> StreamSignal | None:
+    """The last signals of a stored stream (None when it has none: fresh, or stored before)."""
+    return StreamSignal.from_dict(read_metadata(state).get("signal"))
+
+
 # --- store writer ----------------------------------------------------------------------------
 
 
@@ -205,10 +210,14 @@ class StoreWriter:
             return pending[1]
         started = time.perf_counter()
         try:
-            return self.store.get(stream_id)
+            record = self.store.get(stream_id)
         except StoreError:
             self.metrics.store_errors.labels("get").inc()
+            self.metrics.store_up.set(0)
             raise
+        else:
+            self.metrics.store_up.set(1)
+            return record
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.stage_latency.labels(model, "store").observe(elapsed)
@@ -253,6 +262,7 @@ class StoreWriter:
             raise
         except StoreError:
             self.metrics.store_errors.labels(operation).inc()
+            self.metrics.store_up.set(0)
             with self._lock:
                 self._failed[stream_id] = sequence
             raise
@@ -260,6 +270,7 @@ class StoreWriter:
             elapsed = time.perf_counter() - started
             model = record.model if record is not None else ""
             self.metrics.stage_latency.labels(model, "store").observe(elapsed)
+        self.metrics.store_up.set(1)
         with self._lock:
             if self._pending.get(stream_id, (None,))[0] == sequence:
                 del self._pending[stream_id]
@@ -271,11 +282,12 @@ class StoreWriter:
 
 @dataclass(eq=False)
 class Resident:
-    """A stream that holds a slot: its handle, its sample count and whether it is unsaved."""
+    """A stream that holds a slot: its handle, sample count, last signals, whether it is unsaved."""
 
     info: StreamInfo
     handle: StreamHandle
     samples: int = 0
+    signal: StreamSignal | None = None
     dirty: bool = False
     version: int = 0  # the stored version this copy is at (its newest write's, once applied)
     token: int = 0  # the fencing token of this replica's lease on the stream
@@ -393,7 +405,7 @@ class StreamSlots:
                 f"the stored state of stream {info.id!r} cannot be loaded ({error}): "
                 "reset the stream or import a state"
             ) from None
-        resident = Resident(info, handle, samples)
+        resident = Resident(info, handle, samples, signal_of(record.state))
         self._lease(resident, replace(lease, version=record.version))
         self.resident[info.id] = resident
         self._count()
@@ -434,6 +446,7 @@ class StreamSlots:
         if resident is not None and before is not None:
             try:
                 resident.samples = samples_of(before.state)
+                resident.signal = signal_of(before.state)
                 resident.handle = self.engine.import_stream(resident.handle, before.state)
                 resident.info = replace(resident.info, seed=resident.handle.seed)
                 resident.dirty = False
@@ -455,10 +468,15 @@ class StreamSlots:
             self._count()
 
     def export(self, resident: Resident) -> bytes:
-        """The stream's state with the service metadata (its sample count)."""
-        return attach_metadata(
-            self.engine.export_stream(resident.handle), {"samples": resident.samples}
-        )
+        """The stream's state with the service metadata (sample count, last signals).
+
+        The signals travel with the state, so a restarted server (or another replica) publishes
+        a stream's last values before it sees the stream again.
+        """
+        metadata: dict[str, Any] = {"samples": resident.samples}
+        if resident.signal is not None:
+            metadata["signal"] = resident.signal.to_dict()
+        return attach_metadata(self.engine.export_stream(resident.handle), metadata)
 
     def persist(self, resident: Resident) -> Future[None]:
         """Write the stream's current state to the store (in order with every other write).
@@ -641,21 +659,37 @@ class StreamRegistry(Generic[R]):
         except StoreError as error:
             raise store_failure(error, f"look up stream {stream_id!r}") from None
         if stream_id not in self.entries and record is not None and record.model in self.runtimes:
-            self.entries[stream_id] = StreamEntry(
-                StreamInfo.of(record), last_used=self.clock(), samples=listed_samples(record.state)
-            )
+            self.entries[stream_id] = self._entry(record)
             self._count(record.model)
             logger.info("stream %s found in the store", stream_id)
         return self.get(stream_id, touch=touch)
+
+    def _entry(self, record: StreamRecord) -> StreamEntry:
+        """The entry of a stored stream (used from now), with its stored samples and signals."""
+        return StreamEntry(
+            StreamInfo.of(record),
+            last_used=self.clock(),
+            samples=listed_samples(record.state),
+            signal=signal_of(record.state),
+        )
 
     def page(self, offset: int, limit: int) -> tuple[list[StreamEntry], int]:
         """Entries sorted by id, ``limit`` from ``offset``, and the total count."""
         ids = sorted(self.entries)
         return [self.entries[i] for i in ids[offset : offset + limit]], len(ids)
 
-    def signals(self) -> dict[str, StreamSignal]:
-        """The latest drift summary of every stream that has one (for the top-K gauges)."""
-        return {sid: e.signal for sid, e in self.entries.items() if e.signal is not None}
+    def observed(self) -> list[ObservedStream]:
+        """Every stream as the metrics see it (read at each scrape)."""
+        return [
+            ObservedStream(sid, e.info.model, e.info.adapter, e.samples, e.signal)
+            for sid, e in self.entries.items()
+        ]
+
+    def record(self, entry: StreamEntry, samples: int, signal: StreamSignal | None) -> None:
+        """Note a stream's sample count and signals after a forward, whichever API sent it."""
+        entry.samples = samples
+        if signal is not None:
+            entry.signal = signal
 
     # --- lifecycle ---
 
@@ -752,7 +786,7 @@ class StreamRegistry(Generic[R]):
 
         def reset(slots: StreamSlots, resident: Resident) -> None:
             slots.engine.reset_stream(resident.handle)
-            resident.samples = 0
+            resident.samples, resident.signal = 0, None
 
         await self._replace(entry, reset, "save the reset state")
         entry.samples, entry.signal = 0, None
@@ -800,11 +834,11 @@ class StreamRegistry(Generic[R]):
         def load(slots: StreamSlots, resident: Resident) -> None:
             resident.handle = slots.engine.load_stream(resident.handle, imported)
             resident.info = replace(resident.info, seed=resident.handle.seed)
-            resident.samples = samples
+            resident.samples, resident.signal = samples, signal_of(data)
 
         resident = await self._replace(entry, load, "save the imported state")
         # The exporter's seed becomes the stream's: a later reset re-creates its initial state.
-        entry.info, entry.samples, entry.signal = resident.info, samples, None
+        entry.info, entry.samples, entry.signal = resident.info, samples, resident.signal
         return entry
 
     async def _replace(
@@ -883,9 +917,7 @@ class StreamRegistry(Generic[R]):
             if not STREAM_ID.fullmatch(record.id):
                 logger.warning("stored stream id %r is invalid: skipped", record.id)
                 continue
-            self.entries[record.id] = StreamEntry(
-                StreamInfo.of(record), last_used=self.clock(), samples=listed_samples(record.state)
-            )
+            self.entries[record.id] = self._entry(record)
             count += 1
         for model in self.runtimes:
             self._count(model)

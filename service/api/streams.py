@@ -48,7 +48,6 @@ from service.errors import (
     describe_validation,
 )
 from service.imaging import ImageBatch, decode_images, decode_tensor, parse_shape
-from service.metrics import StreamSignal
 from service.predictions import PredictRequest, PredictResult, TopK
 from service.runtime import ModelRuntime
 from service.schemas import (
@@ -278,10 +277,7 @@ async def import_state(
 )
 async def read_drift(stream_id: StreamIdPath, registry: RegistryDep) -> dict[str, Any]:
     """The stream's full drift report: per-layer divergences, summaries, prediction stats."""
-    report = await registry.drift(stream_id)
-    entry = registry.get(stream_id, touch=False)
-    entry.signal = stream_signal(entry.info.model, report)
-    return report
+    return await registry.drift(stream_id)
 
 
 @router.post(
@@ -366,9 +362,7 @@ async def run_prediction(
     )
     result = await runtime.batcher.submit(request)
     require_finite(result, entry.info.id)
-    entry.samples = result.samples
-    if result.drift is not None:
-        entry.signal = stream_signal(entry.info.model, result.drift)
+    registry.record(entry, result.samples, result.signal)
     if result.stored is not None:
         try:
             await asyncio.wrap_future(result.stored)
@@ -398,12 +392,6 @@ def require_finite(result: PredictResult, stream_id: str) -> None:
             f"the model produced non-finite outputs for stream {stream_id!r}; "
             "no prediction is returned (reset the stream if this persists)"
         )
-
-
-def stream_signal(model: str, drift: dict[str, Any]) -> StreamSignal:
-    """The part of a drift report that the top-K drift gauges show."""
-    overall = drift.get("overall") or {}
-    return StreamSignal(model, float(overall.get("jeffreys", 0.0)), drift.get("entropy"))
 
 
 def image_prediction(top: TopK, labels: tuple[str, ...]) -> ImagePrediction:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service.helpers import (
     normalized,
@@ -75,3 +76,26 @@ def test_cuda_predictions_match_the_cpu_engine(
 
 def test_cuda_concurrent_streams(tmp_path: Path, model_cache: Path) -> None:
     check_concurrent_streams(tmp_path, model_cache, rtol=2e-2, atol=2e-3, device="cuda")
+
+
+def test_cuda_memory_metrics(tmp_path: Path, model_cache: Path) -> None:
+    settings = server_settings(tmp_path, model_cache, device="cuda")
+    with running_server(settings) as server, server.client() as client:
+        client.post("/v1/streams", json={"id": "gpu-metrics"})
+        response = client.post(
+            "/v1/streams/gpu-metrics/predict",
+            content=bytes(4 * 3 * 32 * 32),
+            params={"shape": "4,3,32,32"},
+            headers=OCTET,
+        )
+        assert response.status_code == 200, response.text
+        text = client.get("/metrics").text
+    memory = {
+        sample.labels["kind"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "tta_gpu_memory_bytes"
+        for sample in family.samples
+    }
+    # The model's weights and the stream's state live on the GPU.
+    assert memory.keys() == {"allocated", "reserved"}
+    assert 0 < memory["allocated"] <= memory["reserved"]

@@ -225,9 +225,10 @@ def test_metrics_are_exposed_and_parse(client: httpx.Client) -> None:
     routes = {s.labels["route"] for s in families["tta_http_requests"].samples}
     assert "/v1/streams/{stream_id}/predict" in routes
     assert not any("met-" in route for route in routes)
-    # Per-stream gauges: only the top-K (K = 2) streams by drift.
+    # Per-stream gauges: only the top-K (K = 2) streams by severity, each at two depths.
     drift = families["tta_stream_drift"].samples
-    assert len(drift) == 2
+    assert len({s.labels["stream"] for s in drift}) == 2
+    assert sorted(s.labels["depth"] for s in drift) == ["early", "early", "late", "late"]
     (info,) = families["tta_model_info"].samples
     assert info.labels["model"] == MODEL and info.labels["device"] == "cpu"
 

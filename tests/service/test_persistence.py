@@ -212,6 +212,7 @@ def test_store_failure_is_a_503_and_counted(tmp_path: Path, model_cache: Path) -
         )
         with running_server(settings) as server, server.client() as client:
             client.post("/v1/streams", json={"id": "fragile", "adapter": "adabn"})
+            assert counter(client, "tta_store_up") == 1
             with contextlib.suppress(redis.RedisError):
                 redis.Redis.from_url(url).shutdown(nosave=True)
             response = client.post(
@@ -233,3 +234,4 @@ def test_store_failure_is_a_503_and_counted(tmp_path: Path, model_cache: Path) -
             assert created.json()["error"]["message"].startswith("cannot save stream 'unsaved'")
             assert client.get("/v1/streams/unsaved").status_code == 404
             assert counter(client, "tta_store_errors") >= 2
+            assert counter(client, "tta_store_up") == 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.health import StoreHealth
 from service.stores import MemoryStore, StoreError
@@ -35,6 +36,14 @@ def status(client: httpx.Client, path: str) -> int:
     return client.get(path).status_code
 
 
+def gauge(client: httpx.Client, name: str) -> float:
+    """The value of an unlabelled gauge of /metrics."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        if family.name == name:
+            return family.samples[0].value
+    raise KeyError(name)
+
+
 def predict(client: httpx.Client, stream_id: str) -> httpx.Response:
     files = [("images", ("x.png", png(a), "image/png")) for a in random_pixels(2, 3)]
     return client.post(f"/v1/streams/{stream_id}/predict", files=files)
@@ -55,6 +64,7 @@ def test_redis_late_at_start_up_then_down_then_back(tmp_path: Path, model_cache:
         assert client.get("/v2/health/live").json() == {"live": True}
         ready = client.get("/v2/health/ready")
         assert (ready.status_code, ready.json()) == (503, {"ready": False})
+        assert (gauge(client, "tta_ready"), gauge(client, "tta_store_up")) == (0, 0)
         response = client.get("/v1/streams")
         assert response.status_code == 503
         assert response.json()["error"]["message"] == (
@@ -64,11 +74,14 @@ def test_redis_late_at_start_up_then_down_then_back(tmp_path: Path, model_cache:
             wait_for(lambda: status(client, "/v2/health/ready") == 200, "ready once Redis is up")
             assert client.post("/v1/streams", json={"id": "late"}).status_code == 201
             assert predict(client, "late").status_code == 200
+            assert (gauge(client, "tta_ready"), gauge(client, "tta_store_up")) == (1, 1)
         # Redis stopped: the next ping (at most a second later) makes the server not ready.
         wait_for(lambda: status(client, "/v2/health/ready") == 503, "not ready without Redis")
+        assert gauge(client, "tta_ready") == 0  # as the probe answered
         assert status(client, "/v2/health/live") == 200
         with running_redis(port):
             wait_for(lambda: status(client, "/v2/health/ready") == 200, "ready with Redis back")
+            assert gauge(client, "tta_ready") == 1
 
 
 def test_store_never_answering_fails_the_start(tmp_path: Path, model_cache: Path) -> None:

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from adapters import ADAPTERS
-from adapters.engine import Engine
 from bench.report import command_line, machine, write_section
+from engine.core import Engine
 from models import WeightsUnavailableError, create_model, get_spec
 from models.registry import build_architecture
 

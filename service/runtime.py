@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from adapters.engine import Engine
+from engine.core import Engine
 from models import ModelSpec, Normalizer, create_model
 from service.metrics import Metrics
 from service.predictions import PredictRequest, PredictResult

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapters import ADAPTERS
-from adapters.engine import Engine
+from engine.core import Engine
 from tests.adapters.conftest import images, tiny_net
 
 pytestmark = [

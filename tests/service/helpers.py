@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from PIL import Image
 from safetensors.torch import load as load_tensors
 
-from adapters.engine import Engine
+from engine.core import Engine
 from models import create_model, normalize
 from service.main import create_app
 from service.settings import Settings

@@ -27,6 +27,8 @@ class ModelSpec:
         resize: shorter side the image is resized to before the center crop to `input_size`
             (256 for the ImageNet models); None resizes straight to `input_size`.
         interpolation: resampling filter of that resize (the one the weights were trained with).
+        backend: the network backend that runs it: "torch" (a registered architecture) or
+            "onnx" (a file named in the settings, served through ONNX Runtime).
 
     Example:
         >>> spec = ModelSpec("toy", "toy_net", (32, 32), (0.5,) * 3, (0.25,) * 3, ("a", "b"))
@@ -44,6 +46,7 @@ class ModelSpec:
     weights_sha256: str | None = None
     resize: int | None = None
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    backend: Literal["torch", "onnx"] = "torch"
 
     def __post_init__(self) -> None:
         """Reject specs that would fail later, far from where they were written."""

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import uvicorn
 from fastapi import FastAPI
 
+from models import ModelError
 from service.api import catalog, oip, streams
 from service.api import metrics as metrics_api
 from service.api.deps import AppState
@@ -24,7 +25,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.runtime import load_runtime, resolve_device
 from service.scheduler import Batcher
-from service.settings import Settings
+from service.settings import OnnxModel, Settings
 from service.stores import create_store
 from service.streams import StoreWriter, StreamRegistry
 
@@ -75,22 +76,31 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     writer = StoreWriter(store, metrics)
     device = resolve_device(settings.device)
-    for name in settings.models:
-        state.runtimes[name] = await asyncio.to_thread(
-            load_runtime,
-            name,
-            cache_dir=settings.model_cache_dir,
-            device=device,
-            capacity=settings.slots_per_pool,
-            observer_window=settings.observer_window,
-            amp=settings.amp,
-            cuda_graphs=settings.cuda_graphs,
-            max_state_bytes=settings.max_state_bytes,
-            max_state_header_bytes=settings.max_state_header_bytes,
-            writer=writer,
-            max_streams=settings.max_streams,
-            metrics=metrics,
-        )
+    served: list[str | OnnxModel] = [*settings.models, *settings.onnx_models]
+    for name in served:
+        try:
+            runtime = await asyncio.to_thread(
+                load_runtime,
+                name,
+                cache_dir=settings.model_cache_dir,
+                device=device,
+                capacity=settings.slots_per_pool,
+                observer_window=settings.observer_window,
+                amp=settings.amp,
+                cuda_graphs=settings.cuda_graphs,
+                max_state_bytes=settings.max_state_bytes,
+                max_state_header_bytes=settings.max_state_header_bytes,
+                writer=writer,
+                max_streams=settings.max_streams,
+                metrics=metrics,
+            )
+        except ModelError as error:
+            if isinstance(name, str):
+                raise  # a registered model that does not load is a broken installation
+            # A user's ONNX file: refused with its reason, the other models are served.
+            logger.error("model %s refused: %s", name.name, error)
+            continue
+        state.runtimes[runtime.name] = runtime
     registry = StreamRegistry(
         state.runtimes,
         writer,
@@ -118,7 +128,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     ]
     state.registry = registry
     state.ready = True
-    logger.info("ready: serving %s on %s", ", ".join(settings.models), device)
+    logger.info("ready: serving %s on %s", ", ".join(state.runtimes), device)
     try:
         yield
     finally:

@@ -91,6 +91,7 @@ def test_export_import_round_trip(name: str) -> None:
     )
 
 
+@pytest.mark.backends("torch")  # a module that raises; ONNX: tests/engine/test_onnx.py
 @pytest.mark.parametrize("name", NAMES)
 def test_failed_batch_changes_nothing(name: str) -> None:
     net, wire = tripwired_net()

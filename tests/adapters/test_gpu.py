@@ -11,6 +11,7 @@ from tests.adapters.conftest import images, tiny_net
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.backends("torch"),  # the ONNX backend on CUDA: tests/engine/test_onnx.py
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 

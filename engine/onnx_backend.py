@@ -61,7 +61,7 @@ class _Cut:
     output: str
 
 
-def read_onnx(path: Path) -> onnx.ModelProto:
+def read_onnx(path: Path, name: str = "model") -> onnx.ModelProto:
     """Parse and check an ONNX file; ModelError or IncompatibleModelError with the reason."""
     try:
         data = path.read_bytes()
@@ -69,6 +69,7 @@ def read_onnx(path: Path) -> onnx.ModelProto:
         raise ModelError(f"cannot read ONNX file {path}: {error.strerror or error}") from None
     try:
         model = onnx.load_model_from_string(data)
+        check_opset(model, name)  # first: the checker fails on ops of an unknown opset
         onnx.checker.check_model(model)
     except (DecodeError, onnx.checker.ValidationError, ValueError, RuntimeError) as error:
         raise IncompatibleModelError(
@@ -103,11 +104,7 @@ class OnnxNetwork:
     ) -> None:
         self.name = name
         self.device = device
-        opset = _opset(model)
-        if not MIN_OPSET <= opset <= MAX_OPSET:
-            raise IncompatibleModelError(
-                f"model {name} uses opset {opset}; supported: {MIN_OPSET} to {MAX_OPSET}"
-            )
+        check_opset(model, name)
         graph = model.graph
         constants = {init.name for init in graph.initializer}
         inputs = [i for i in graph.input if i.name not in constants]
@@ -278,7 +275,7 @@ _NUMPY_TYPES = {
 
 def load_onnx(path: Path, device: torch.device, name: str = "model") -> OnnxNetwork:
     """Read, check and cut an ONNX classifier (see :class:`OnnxNetwork` for what is refused)."""
-    return OnnxNetwork(read_onnx(path), device, name)
+    return OnnxNetwork(read_onnx(path, name), device, name)
 
 
 def module_order(names: list[str]) -> list[int]:
@@ -314,11 +311,14 @@ def module_order(names: list[str]) -> list[int]:
     return [visit.index(k) for k in range(len(names))]
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    raise IncompatibleModelError("the model imports no version of the default ONNX opset")
+def check_opset(model: onnx.ModelProto, name: str) -> None:
+    """Raise IncompatibleModelError unless the model's default-domain opset is supported."""
+    versions = [e.version for e in model.opset_import if e.domain in ("", "ai.onnx")]
+    if not versions or not MIN_OPSET <= versions[0] <= MAX_OPSET:
+        found = f"opset {versions[0]}" if versions else "no default opset"
+        raise IncompatibleModelError(
+            f"model {name} uses {found}; supported: {MIN_OPSET} to {MAX_OPSET}"
+        )
 
 
 def _image_input(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
@@ -158,7 +159,15 @@ async def _every(period_s: float, job: Callable[[], Awaitable[object]]) -> None:
 
 
 def main() -> None:
-    """``tta-serve``: serve ``create_app(Settings())`` with uvicorn, one worker."""
+    """``tta-serve``: serve ``create_app(Settings())`` with uvicorn, one worker.
+
+    ``tta-serve export-onnx MODEL FILE`` writes a registered model to ONNX instead.
+    """
+    if sys.argv[1:2] == ["export-onnx"]:
+        from models.export_onnx import main as export_onnx  # torch.onnx only when asked
+
+        export_onnx(sys.argv[2:])
+        return
     settings = Settings()
     logging.basicConfig(
         level=settings.log_level.upper(),

@@ -130,7 +130,7 @@ class OnnxNetwork:
         self.options = ort.SessionOptions()
         self.options.log_severity_level = 3  # its warnings would repeat once per segment
         # ORT's and torch's kernels alternate on the same cores: ORT's threads must not spin
-        # between its runs, or they take the cores from torch's (20x slower on 2 cores).
+        # between its runs, or they keep the cores from torch's kernels.
         self.options.intra_op_num_threads = torch.get_num_threads()
         self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.segments = self._segments(model, nodes, cuts, types)

@@ -44,10 +44,10 @@ import torch
 from tqdm import tqdm
 
 from adapters import get_adapter
-from adapters.engine import Engine
 from bench.corruptions import CORRUPTIONS
 from bench.data import load_cifar10, load_cifar10c
 from bench.report import command_line, fmt, machine, table, write_section
+from engine.core import Engine
 from models import Normalizer, create_model
 
 log = logging.getLogger(__name__)

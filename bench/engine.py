@@ -1,12 +1,16 @@
 """Engine throughput: the adapted forward against the plain eval forward of the same model.
 
-    uv run python -m bench.engine [--device cuda] [--model cifar10_resnet20]
+    uv run python -m bench.engine [--device cuda] [--model cifar10_resnet20] [--backend onnx]
 
 For every adapter and batch size it times the adapted forward and the plain ``model(x)``
 back to back, many times, and reports the median of the per-pair ratios (this machine is noisy:
 ratios measured in one run are what we compare). Then 64 streams mixed in one batch of 256
 against one stream of 256 and against a loop of 64 calls of 4 images. Writes a section of
 docs/performance.md and a PNG plot.
+
+``--backend onnx`` times the ONNX Runtime backend instead: the model exported by
+``models.export_onnx``, its adapted forward against the untouched file in ONNX Runtime (BN
+constants, ORT's fusions on) and against the PyTorch engine's adapted forward.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ import torch
 from tqdm import tqdm
 
 from adapters import ADAPTERS
-from adapters.engine import Engine
 from bench.report import command_line, machine, write_section
+from engine.core import Engine
 from models import WeightsUnavailableError, create_model, get_spec
 from models.registry import build_architecture
 
 log = logging.getLogger(__name__)
 
 TARGETS = {"adabn": 1.15, "alpha_bn": 1.15, "momentum": 1.15, "unmix_tns": 1.5}
+ONNX_TARGETS = {"adabn": 1.3, "alpha_bn": 1.3, "momentum": 1.3}
 
 
 def load(name: str, cache_dir: Path) -> tuple[torch.nn.Module, int, bool]:
@@ -89,6 +94,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--cuda-graphs", action="store_true", help="replay captured graphs")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per timed measurement")
     parser.add_argument(
@@ -102,6 +108,9 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     model, classes, pretrained = load(args.model, args.cache_dir)
+    if args.backend == "onnx":
+        onnx_main(args, model, classes, pretrained, device)
+        return
     plain_model = model.to(device).eval()
     engine = Engine(
         model,
@@ -206,6 +215,95 @@ def main() -> None:
     lines += ["", f"![adapted/plain ratio by batch size]({plot.name})"]
     write_section(args.out, key, "\n".join(lines), title="Performance")
     log.info("\n".join(lines))
+
+
+def onnx_main(args, model: torch.nn.Module, classes: int, pretrained: bool, device) -> None:
+    """The ONNX backend: adapted / plain ONNX Runtime, and adapted ONNX / adapted PyTorch."""
+    from engine.onnx_backend import OnnxNetwork
+    from models.export_onnx import to_onnx
+
+    spec = get_spec(args.model)
+    h, w = spec.input_size
+    network = OnnxNetwork(to_onnx(model, (3, h, w)), device, args.model)
+    engines = {
+        backend: Engine(net, name=args.model, num_classes=classes, device=device, capacity=16)
+        for backend, net in (("onnx", network), ("torch", model))
+    }
+    measure = timer(device)
+    generator = torch.Generator().manual_seed(0)
+    adapters = sorted(ADAPTERS)
+    plain: dict[str, dict[int, tuple[float, float, float]]] = {name: {} for name in adapters}
+    torch_vs: dict[str, dict[int, tuple[float, float, float]]] = {name: {} for name in adapters}
+    jobs = [(name, b) for b in args.batch_sizes for name in adapters]
+    with torch.inference_mode():
+        for name, batch in tqdm(jobs, desc="adapters x batch sizes"):
+            x = torch.randn((batch, 3, h, w), generator=generator).to(device)
+            streams = {backend: engine.open_stream(name) for backend, engine in engines.items()}
+
+            def adapted(x=x, streams=streams, backend="onnx") -> object:
+                return engines[backend].forward(x, [(streams[backend], len(x))]).logits
+
+            plain[name][batch] = paired_ratio(
+                measure, lambda x=x: network.forward(x, None), adapted, args.repeats, args.budget
+            )
+            torch_vs[name][batch] = paired_ratio(
+                measure,
+                lambda: adapted(backend="torch"),
+                adapted,
+                args.repeats,
+                args.budget,
+            )
+            tqdm.write(
+                f"{name} B={batch}: {plain[name][batch][0]:.2f} {torch_vs[name][batch][0]:.2f}"
+            )
+    sizes = args.batch_sizes
+    lines = [
+        f"## ONNX Runtime backend, {args.model} on {device.type.upper()}",
+        "",
+        f"Machine: {machine(device)}. Command: `{command_line()}`. ONNX Runtime "
+        f"{_ort_version()}, {network.providers[0][0]}; {len(network.segments)} segments.",
+        f"Weights: {'pretrained' if pretrained else 'random (same architecture and cost)'}; "
+        f"median of {args.repeats} interleaved pairs per cell.",
+        "",
+        "ONNX adapted forward time / ONNX plain forward time (the untouched file: BN constants, "
+        "ORT's fusions on), then ONNX adapted / PyTorch adapted (the engine of the same model):",
+        "",
+        "| adapter | "
+        + " | ".join(f"/plain B={b}" for b in sizes)
+        + " | target at B=256 | "
+        + " | ".join(f"/PyTorch B={b}" for b in sizes)
+        + " |",
+        "| --- | "
+        + " | ".join("---" for _ in sizes)
+        + " | --- | "
+        + " | ".join("---" for _ in sizes)
+        + " |",
+    ]
+    for name in adapters:
+        verdict = ""
+        target = ONNX_TARGETS.get(name)
+        if target is not None and 256 in plain[name]:
+            ratio = plain[name][256][0]
+            verdict = f"<= {target}: {'met' if ratio <= target else 'MISSED'} ({ratio:.2f})"
+        cells = [f"{plain[name][b][0]:.2f}" for b in sizes]
+        versus = [f"{torch_vs[name][b][0]:.2f}" for b in sizes]
+        lines.append(f"| {name} | {' | '.join(cells)} | {verdict} | {' | '.join(versus)} |")
+    first = plain[adapters[0]]
+    lines += [
+        "",
+        "ONNX plain forward throughput (images/s): "
+        + ", ".join(f"B={b}: {b / first[b][1]:.0f}" for b in sizes)
+        + ".",
+    ]
+    key = f"bench.engine:onnx-{device.type}"
+    write_section(args.out, key, "\n".join(lines), title="Performance")
+    log.info("\n".join(lines))
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _plot(results, batch_sizes, path: Path, title: str) -> None:

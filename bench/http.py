@@ -147,7 +147,7 @@ async def sweep_level(
 
 def engine_throughput(adapter: str, images: int, device: str, seconds: float) -> float:
     """Images/s of the engine alone on the same batches (uint8 in, normalised on device)."""
-    from adapters.engine import Engine
+    from engine.core import Engine
     from models import create_model, normalize
 
     cache = Path(os.environ.get("TTA_MODEL_CACHE_DIR", ".cache/models"))

@@ -17,8 +17,8 @@ import logging
 from pathlib import Path
 
 from adapters import ADAPTERS
-from adapters.engine import Engine
 from bench.report import command_line, machine, table, write_section
+from engine.core import Engine
 from models import get_spec
 from models.registry import build_architecture
 from service.settings import Settings

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.engine import Engine
 from bench.corruptions import corrupt
 from bench.data import load_cifar10
 from bench.report import command_line, machine, table, write_section
+from engine.core import Engine
 from models import create_model, get_spec, normalize
 from service.main import trouble_thresholds
 from service.metrics import StreamSignal, TroubleThresholds

@@ -36,6 +36,8 @@ class ModelSpec:
         max_image_pixels: largest encoded image (width x height) worth decoding for this model;
             None: `PIXEL_LIMIT_AREAS` times the area it is resized to, at least
             `PIXEL_LIMIT_FLOOR` (see `pixel_limit`).
+        backend: the network backend that runs it: "torch" (a registered architecture) or
+            "onnx" (a file named in the settings, served through ONNX Runtime).
 
     Example:
         >>> spec = ModelSpec("toy", "toy_net", (32, 32), (0.5,) * 3, (0.25,) * 3, ("a", "b"))
@@ -54,6 +56,7 @@ class ModelSpec:
     resize: int | None = None
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     max_image_pixels: int | None = None
+    backend: Literal["torch", "onnx"] = "torch"
 
     def __post_init__(self) -> None:
         """Reject specs that would fail later, far from where they were written."""

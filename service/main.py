@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import uvicorn
 from fastapi import FastAPI
 
+from models import ModelError
 from service.api import catalog, oip, streams
 from service.api import metrics as metrics_api
 from service.api.deps import AppState
@@ -31,7 +32,7 @@ from service.middleware import BodyLimitMiddleware, MetricsMiddleware, ServedByM
 from service.runtime import load_runtime, resolve_device
 from service.scheduler import Batcher
 from service.schemas import Base64Images
-from service.settings import Settings
+from service.settings import OnnxModel, Settings
 from service.stores import StateStore, StoreError, create_store
 from service.streams import StoreWriter, StreamRegistry
 
@@ -165,22 +166,31 @@ async def _start(state: AppState, store: StateStore) -> None:
     metrics.store_up.set(1)  # it answered (each store operation updates it from now on)
     state.writer = writer = StoreWriter(store, metrics)
     device = resolve_device(settings.device)
-    for name in settings.models:
-        state.runtimes[name] = await asyncio.to_thread(
-            load_runtime,
-            name,
-            cache_dir=settings.model_cache_dir,
-            device=device,
-            capacity=settings.slots_per_pool,
-            observer_window=settings.observer_window,
-            amp=settings.amp,
-            cuda_graphs=settings.cuda_graphs,
-            max_state_bytes=settings.max_state_bytes,
-            max_state_header_bytes=settings.max_state_header_bytes,
-            writer=writer,
-            max_streams=settings.max_streams,
-            metrics=metrics,
-        )
+    served: list[str | OnnxModel] = [*settings.models, *settings.onnx_models]
+    for name in served:
+        try:
+            runtime = await asyncio.to_thread(
+                load_runtime,
+                name,
+                cache_dir=settings.model_cache_dir,
+                device=device,
+                capacity=settings.slots_per_pool,
+                observer_window=settings.observer_window,
+                amp=settings.amp,
+                cuda_graphs=settings.cuda_graphs,
+                max_state_bytes=settings.max_state_bytes,
+                max_state_header_bytes=settings.max_state_header_bytes,
+                writer=writer,
+                max_streams=settings.max_streams,
+                metrics=metrics,
+            )
+        except ModelError as error:
+            if isinstance(name, str):
+                raise  # a registered model that does not load is a broken installation
+            # A user's ONNX file: refused with its reason, the other models are served.
+            logger.error("model %s refused: %s", name.name, error)
+            continue
+        state.runtimes[runtime.name] = runtime
     registry = StreamRegistry(
         state.runtimes,
         writer,
@@ -212,7 +222,7 @@ async def _start(state: AppState, store: StateStore) -> None:
     state.registry = registry
     state.store_health = StoreHealth(store)
     state.ready = True
-    logger.info("ready: serving %s on %s", ", ".join(settings.models), device)
+    logger.info("ready: serving %s on %s", ", ".join(state.runtimes), device)
 
 
 async def _stop(state: AppState) -> None:
@@ -271,7 +281,14 @@ def main() -> None:
 
     Exits with status 1 when the start-up fails, also one that failed in the background (a
     state store that never answered).
+
+    ``tta-serve export-onnx MODEL FILE`` writes a registered model to ONNX instead.
     """
+    if sys.argv[1:2] == ["export-onnx"]:
+        from models.export_onnx import main as export_onnx  # torch.onnx only when asked
+
+        export_onnx(sys.argv[2:])
+        return
     settings = Settings()
     logging.basicConfig(
         level=settings.log_level.upper(),

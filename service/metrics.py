@@ -488,7 +488,7 @@ class Metrics:
         self.model_info = Gauge(
             "model_info",
             "Served models (value 1) and their properties",
-            ["model", "architecture", "device", "num_classes", "input_size"],
+            ["model", "architecture", "device", "num_classes", "input_size", "backend"],
             namespace=NAMESPACE,
             registry=registry,
         )

@@ -17,10 +17,12 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from adapters.engine import Engine
-from models import ModelSpec, Normalizer, create_model
+from engine.core import Engine
+from engine.network import Network
+from models import IncompatibleModelError, ModelSpec, Normalizer, create_model
 from service.metrics import Metrics
 from service.predictions import PredictRequest, PredictResult
+from service.settings import OnnxModel
 from service.streams import StoreWriter, StreamSlots
 
 logger = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_runtime(
-    name: str,
+    name: str | OnnxModel,
     *,
     cache_dir: Path,
     device: torch.device,
@@ -115,16 +117,23 @@ def load_runtime(
     max_streams: int,
     metrics: Metrics,
 ) -> ModelRuntime:
-    """Build a model and its engine (blocking: call it in a thread)."""
-    model, spec = create_model(name, cache_dir=cache_dir.expanduser())
+    """Build a model and its engine (blocking: call it in a thread).
+
+    ``name``: a registered model, or an ONNX file's entry of the settings.
+    """
+    network: Network | torch.nn.Module
+    if isinstance(name, OnnxModel):
+        network, spec = load_onnx_model(name, device)
+    else:
+        network, spec = create_model(name, cache_dir=cache_dir.expanduser())
     autocast = None
     if amp and device.type == "cuda":
         autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     engine = Engine(
-        model,
+        network,
         name=spec.name,
         num_classes=spec.num_classes,
-        device=device,
+        device=device if spec.backend == "torch" else None,
         capacity=capacity,
         observer_window=observer_window,
         autocast_dtype=autocast,
@@ -139,7 +148,48 @@ def load_runtime(
         str(device),
         str(spec.num_classes),
         "x".join(str(s) for s in spec.input_size),
+        spec.backend,
     ).set(1)
     metrics.add_model(spec.name)
-    logger.info("loaded model %s on %s", spec.name, device)
+    logger.info("loaded model %s on %s (%s)", spec.name, device, spec.backend)
     return ModelRuntime(engine, spec, writer, max_streams, metrics)
+
+
+def load_onnx_model(entry: OnnxModel, device: torch.device) -> tuple[Network, ModelSpec]:
+    """An ONNX classifier of the settings and its spec; IncompatibleModelError with the reason.
+
+    The input and the number of classes come from the file where it fixes them.
+    """
+    from engine.onnx_backend import load_onnx  # onnxruntime loads only when a file is served
+
+    network = load_onnx(entry.file.expanduser(), device, entry.name)
+    height, width = network.input_size
+    if not (height and width) and entry.input_size is None:
+        raise IncompatibleModelError(
+            f"model {entry.name}: the file leaves the input size dynamic; set its input_size"
+        )
+    classes = network.num_classes or (len(entry.labels) if entry.labels else 0)
+    if not classes or (entry.labels and len(entry.labels) != classes):
+        raise IncompatibleModelError(
+            f"model {entry.name}: {classes or 'an unknown number of'} classes in the file, "
+            f"{len(entry.labels) if entry.labels else 'no'} labels in the settings"
+        )
+    if height and width and entry.input_size not in (None, (height, width)):
+        raise IncompatibleModelError(
+            f"model {entry.name}: the file's input is {height}x{width}, the settings say "
+            f"{entry.input_size}"
+        )
+    try:
+        spec = ModelSpec(
+            name=entry.name,
+            architecture="onnx",
+            input_size=entry.input_size or (height, width),
+            mean=entry.mean,
+            std=entry.std,
+            labels=tuple(entry.labels or (str(i) for i in range(classes))),
+            resize=entry.resize,
+            backend="onnx",
+        )
+    except ValueError as error:
+        raise IncompatibleModelError(str(error)) from None
+    return network, spec

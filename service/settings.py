@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -24,8 +24,27 @@ from pydantic_settings import (
 
 from adapters import get_adapter
 from models import ModelSpec
+from models.spec import IMAGENET_MEAN, IMAGENET_STD
 
 CONFIG_FILE_ENV = "TTA_CONFIG_FILE"
+
+
+class OnnxModel(BaseModel):
+    """An ONNX classifier to serve: a file named here, never by a request (README, ONNX models)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="the model's served name")
+    file: Path = Field(description="the .onnx file, BatchNormalization nodes kept")
+    labels: list[str] | None = Field(
+        default=None, min_length=1, description="class names in output order (default: 0..C-1)"
+    )
+    input_size: tuple[int, int] | None = Field(
+        default=None, description="(height, width) when the file leaves them dynamic"
+    )
+    mean: tuple[float, float, float] = Field(default=IMAGENET_MEAN, description="RGB mean, [0, 1]")
+    std: tuple[float, float, float] = Field(default=IMAGENET_STD, description="RGB std, [0, 1]")
+    resize: int | None = Field(default=None, description="shorter side resized to before the crop")
 
 
 class Settings(BaseSettings):
@@ -51,7 +70,11 @@ class Settings(BaseSettings):
 
     # --- models ---
     models: list[str] = Field(
-        default_factory=lambda: ["cifar10_resnet20"], min_length=1, description="models served"
+        default_factory=lambda: ["cifar10_resnet20"], description="registered models served"
+    )
+    onnx_models: list[OnnxModel] = Field(
+        default_factory=list,
+        description="ONNX classifiers served beside `models` (CUDA execution provider on cuda)",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="cpu", description="where models and states live; auto: cuda if available"
@@ -218,6 +241,15 @@ class Settings(BaseSettings):
         if len(set(models)) != len(models):
             raise ValueError("models must not repeat")
         return models
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> Settings:
+        names = self.models + [model.name for model in self.onnx_models]
+        if not names:
+            raise ValueError("no model to serve: set models or onnx_models")
+        if len(set(names)) != len(names):
+            raise ValueError("model names (models and onnx_models) must not repeat")
+        return self
 
     @model_validator(mode="after")
     def _default_adapter_is_valid(self) -> Settings:

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from adapters import ADAPTERS, StateMismatchError, get_adapter
-from adapters.engine import Engine, PoolKey, StreamHandle
 from adapters.pool import PoolFullError, StateMemoryError
+from engine.core import Engine, PoolKey, StreamHandle
 from service.errors import (
     CapacityError,
     InvalidStreamIdError,

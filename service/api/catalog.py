@@ -18,10 +18,7 @@ adapters_router = APIRouter(tags=["adapters"])
 async def list_served_models(state: AppStateDep) -> ModelsPublic:
     """The models this server serves (loaded ones are ready)."""
     data = []
-    for name in state.settings.models:
-        runtime = state.runtimes.get(name)
-        if runtime is None:
-            continue
+    for runtime in state.runtimes.values():  # registered models, then ONNX files that loaded
         spec = runtime.spec
         lows, highs = spec.input_range(state.settings.input_range_margin)
         data.append(

@@ -169,7 +169,7 @@ async def create_stream(
     body: StreamCreate, registry: RegistryDep, settings: SettingsDep
 ) -> StreamPublic:
     """Create a stream with a fresh state (persisted before the response)."""
-    model = body.model or settings.models[0]
+    model = body.model or next(iter(registry.runtimes))  # the first model served
     adapter, config = body.adapter, body.config
     if adapter is None:
         adapter = settings.default_adapter

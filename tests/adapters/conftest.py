@@ -1,10 +1,47 @@
-"""Small BatchNorm networks with non-trivial source statistics, for the adapter tests."""
+"""Small BatchNorm networks with non-trivial source statistics, for the adapter tests.
+
+Every test here runs once per network backend: the engine built by ``Engine(model, ...)`` in a
+test module is a PyTorch engine, or the same model exported to ONNX and served by ONNX Runtime.
+A test that needs a PyTorch module in the engine is marked ``@pytest.mark.backends("torch")``.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+
+from engine import Engine
+from engine.onnx_backend import OnnxNetwork
+from models.export_onnx import to_onnx
+
+BACKENDS = ("torch", "onnx")
+
+
+def onnx_engine(model: nn.Module, **kwargs: Any) -> Engine:
+    """An engine over ``model`` exported to ONNX (input size dynamic, channels from its first
+    layer), on ONNX Runtime's CPU provider."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d))
+    channels = first.in_channels if isinstance(first, nn.Conv2d) else first.num_features
+    proto = to_onnx(model, (channels, 8, 8), dynamic_size=True)
+    device = torch.device(kwargs.pop("device", "cpu"))
+    return Engine(OnnxNetwork(proto, device, channels=None), **kwargs)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        metafunc.parametrize("backend", marker.args if marker else BACKENDS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The backend of every engine the test builds (its module's ``Engine`` is replaced)."""
+    if request.param == "onnx" and hasattr(request.module, "Engine"):
+        monkeypatch.setattr(request.module, "Engine", onnx_engine)
+    return request.param
 
 
 class Block(nn.Module):

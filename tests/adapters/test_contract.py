@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from adapters import ADAPTERS, StateMismatchError, UnknownAdapterError, get_adapter
-from adapters.engine import Engine
+from engine.core import Engine
 from tests.adapters.conftest import images, tiny_net
 
 NAMES = sorted(ADAPTERS)
@@ -91,11 +91,12 @@ def test_export_import_round_trip(name: str) -> None:
     )
 
 
+@pytest.mark.backends("torch")  # a module that raises; ONNX: tests/engine/test_onnx.py
 @pytest.mark.parametrize("name", NAMES)
 def test_failed_batch_changes_nothing(name: str) -> None:
     net, wire = tripwired_net()
     engine = Engine(net, num_classes=5)
-    wire = next(m for m in engine.model.modules() if isinstance(m, Tripwire))
+    wire = next(m for m in engine.network.model.modules() if isinstance(m, Tripwire))
     a, b = engine.open_stream(name), engine.open_stream(name)
     engine.forward(images(2, 0), [(a, 2)])
     before = snapshot(engine, a, b)
@@ -279,9 +280,10 @@ def test_a_stream_whose_state_would_break_is_refused_alone(name: str, value: flo
 
 def test_non_finite_logits_refuse_their_stream() -> None:
     """Finite statistics but overflowing logits: that stream's request is refused."""
-    engine = Engine(tiny_net(), num_classes=5)
+    net = tiny_net()
     with torch.no_grad():
-        engine.model[-1].weight.mul_(1e35)  # ~1 activations stay finite, ~1e4 ones overflow
+        net[-1].weight.mul_(1e35)  # ~1 activations stay finite, ~1e4 ones overflow
+    engine = Engine(net, num_classes=5)
     bad, good = engine.open_stream("source"), engine.open_stream("source")
     before = snapshot(engine, bad)
     result = engine.forward(torch.cat([images(2, 0) * 1e4, images(2, 1)]), [(bad, 2), (good, 2)])

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from adapters import ADAPTERS
-from adapters.engine import Engine
+from engine.core import Engine
 from tests.adapters.conftest import images, tiny_net
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.backends("torch"),  # the ONNX backend on CUDA: tests/engine/test_onnx.py
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from adapters.drift import gaussian_distances
-from adapters.engine import Engine
-from adapters.norm import instance_moments
+from engine.core import Engine
+from engine.network import instance_moments
 from tests.adapters.conftest import images, tiny_net
 
 
@@ -108,8 +108,8 @@ def test_alpha_bn_unbiased_variance_is_tta_libs() -> None:
     biased = engine.open_stream("alpha_bn", {"alpha": 1.0})
     unbiased = engine.open_stream("alpha_bn", {"alpha": 1.0, "unbiased": True})
     x = layer_input(1, 0, size=2)  # N*L = 4: a visible factor 4/3
-    bn = engine.model[0]
-    std = x.var((0, 2, 3), unbiased=True).add(bn.eps).sqrt()
+    bn = engine.layers[0]
+    std = x.var((0, 2, 3), unbiased=True).add(bn.source.eps).sqrt()
     expected = (x - x.mean((0, 2, 3))[None, :, None, None]) / std[None, :, None, None]
     expected = expected * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
     torch.testing.assert_close(layer_output(engine, x, unbiased), expected.detach())
@@ -193,17 +193,17 @@ def test_instance_moments_survive_large_offsets() -> None:
 
 def test_unmix_k1_is_instance_norm_and_an_ema_of_instance_statistics() -> None:
     engine = layer_engine()
-    bn = engine.model[0]
+    bn = engine.layers[0]
     stream = engine.open_stream("unmix_tns", {"components": 1, "batch_size_max": 64})
     x = layer_input(5, 0, shift=1.0)
     out = layer_output(engine, x, stream)
     var, mean = torch.var_mean(x, (2, 3), correction=0, keepdim=True)
-    expected = (x - mean) / torch.sqrt(var + bn.eps) * bn.weight[:, None, None] + bn.bias[
+    expected = (x - mean) / torch.sqrt(var + bn.source.eps) * bn.weight[:, None, None] + bn.bias[
         :, None, None
     ]
     torch.testing.assert_close(out, expected.detach(), rtol=1e-4, atol=1e-4)
     lam = 1 - 0.9 ** (5 / 64)
-    expected_mean = (1 - lam) * bn.running_mean + lam * mean.flatten(1).mean(0)
+    expected_mean = (1 - lam) * bn.source.mean + lam * mean.flatten(1).mean(0)
     torch.testing.assert_close(layer_state(engine, stream, "means")[0], expected_mean)
 
 

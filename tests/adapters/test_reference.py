@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adapters.engine import Engine
+from engine.core import Engine
 from tests.adapters.conftest import images, tiny_net
 from tests.adapters.reference import reference_model
 

@@ -167,7 +167,7 @@ def test_stream_config_carries_the_seed_only_where_the_adapter_takes_one() -> No
 
 
 def _tiny_engine():
-    from adapters.engine import Engine
+    from engine.core import Engine
 
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -21,8 +21,8 @@ from fastapi import FastAPI
 from PIL import Image
 from safetensors.torch import load as load_tensors
 
-from adapters.engine import Engine
 from bench.fuzz import snapshot as snapshot  # the fuzz harness compares states the same way
+from engine.core import Engine
 from models import create_model, normalize
 from service.main import create_app
 from service.settings import Settings

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.engine import ForwardResult
+from engine.core import ForwardResult
 from models import get_spec
 from service.settings import Settings
 from tests.service.helpers import (

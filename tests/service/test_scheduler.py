@@ -111,13 +111,13 @@ def test_failed_forward_fails_its_requests_and_changes_nothing(
         runtime = make_runtime(model_cache)
         info = await open_stream(runtime, "boom")
         before = await runtime.call(runtime.slots.export, runtime.slots.resident["boom"])
-        original = runtime.engine.model.forward
+        original = runtime.engine.network.model.forward
 
         def explode(x: torch.Tensor) -> torch.Tensor:
             original(x)  # the norm layers stage new statistics, then the forward fails
             raise RuntimeError("CUDA error: out of memory")
 
-        monkeypatch.setattr(runtime.engine.model, "forward", explode)
+        monkeypatch.setattr(runtime.engine.network.model, "forward", explode)
         queue = batcher(runtime)
         queue.start()
         with pytest.raises(ForwardError) as error:

@@ -328,11 +328,11 @@ def test_an_import_is_parsed_off_the_engine_thread(
     tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While an import is being parsed, other streams' predictions go through."""
-    import adapters.engine
+    import engine.core
 
     parsing, release = threading.Event(), threading.Event()
     threads: list[str] = []
-    read_state = adapters.engine.read_state
+    read_state = engine.core.read_state
 
     def slow_read_state(*args: Any, **kwargs: Any) -> Any:
         threads.append(threading.current_thread().name)
@@ -344,7 +344,7 @@ def test_an_import_is_parsed_off_the_engine_thread(
         for sid in ("target", "other"):
             c.post("/v1/streams", json={"id": sid, "adapter": "adabn"})
         exported = state_of(c, "target")
-        monkeypatch.setattr(adapters.engine, "read_state", slow_read_state)
+        monkeypatch.setattr(engine.core, "read_state", slow_read_state)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             imported = pool.submit(
                 server.client().put, "/v1/streams/target/state", content=exported, headers=OCTET

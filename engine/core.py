@@ -1,8 +1,10 @@
-"""The engine: one loaded model serving many streams, each with its own adapter and state.
+"""The engine: one loaded network serving many streams, each with its own adapter and state.
 
-``Engine(model)`` copies the model once, replaces its BatchNorm2d layers by ``StreamNorm2d``,
-and keeps one :class:`~adapters.pool.StatePool` per (adapter, state structure). A forward takes a
-batch whose images are cut into stream segments; every norm layer computes per-image moments
+``Engine(network)`` serves a :class:`~engine.network.Network` (a PyTorch module is wrapped in a
+:class:`~engine.torch_backend.TorchNetwork`; an ONNX file is an
+:class:`~engine.onnx_backend.OnnxNetwork`) and keeps one :class:`~adapters.pool.StatePool` per
+(adapter, state structure). A forward takes a batch whose images are cut into stream segments;
+every norm layer asks the batch for its statistics, the batch computes per-image moments
 once, and each group of streams (same pool, same ``adapt`` flag) turns them into normalisation
 statistics with its adapter, vectorised over the group's streams. New states are staged and
 committed only after the whole forward has succeeded, so a failed batch changes nothing; and a
@@ -12,7 +14,6 @@ are not finite) is refused alone: its state stays as it was, the other streams c
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import secrets
 from collections.abc import Sequence
@@ -25,9 +26,10 @@ from torch import Tensor, nn
 from adapters import get_adapter
 from adapters.base import Adapter, Moments, State, StateMismatchError, segment_sum
 from adapters.drift import drift_report, drift_summaries, observe, observe_head
-from adapters.norm import ACTIVE_BATCH, StreamNorm2d, convert_batchnorm, instance_moments
 from adapters.pool import MemoryBudget, StateLayout, StatePool, state_layout
 from adapters.state_io import check_state, export_state, read_state
+from engine.network import Network, NormLayer, instance_moments
+from engine.torch_backend import TorchNetwork
 
 MAX_SEED = 2**63 - 1
 
@@ -120,17 +122,19 @@ def _reason(row: Tensor, parts: list[str]) -> str | None:
 class _Batch:
     """The forward in progress: answers the norm layers and stages the new states."""
 
-    def __init__(self, groups: list[_Group], window: Tensor) -> None:
+    def __init__(self, layers: Sequence[NormLayer], groups: list[_Group], window: Tensor) -> None:
+        self.layers = layers
         self.groups = groups
         self.window = window
 
-    def statistics(self, layer: StreamNorm2d, x: Tensor) -> tuple[Tensor, Tensor]:
-        sample_mean, sample_var = instance_moments(x, layer.running_mean)
-        source = layer.source
+    def statistics(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-image (mean, var) for input ``x`` of BN layer ``index``; stages the new states."""
+        source = self.layers[index].source
+        sample_mean, sample_var = instance_moments(x, source.mean)
         pixels = x.shape[2] * x.shape[3]
         means, variances = [], []
         for group in self.groups:
-            moments, group.broken[layer.index] = _moments(
+            moments, group.broken[index] = _moments(
                 sample_mean[group.start : group.stop],
                 sample_var[group.start : group.stop],
                 group.segment,
@@ -139,14 +143,14 @@ class _Batch:
                 group.members,
             )
             adapter, hp = group.adapter, group.hparams
-            state = group.layers[layer.index]
+            state = group.layers[index]
             if group.adapt and adapter.update_first:
                 state = {**state, **adapter.update(state, moments, source, hp)}
             mean, var = adapter.norm_stats(state, moments, source, hp)
             if group.adapt and not adapter.update_first:
                 state = {**state, **adapter.update(state, moments, source, hp)}
             if group.adapt:
-                group.layers[layer.index] = {**state, **observe(state, moments, self.window)}
+                group.layers[index] = {**state, **observe(state, moments, self.window)}
             if not adapter.per_sample:
                 mean, var = moments.per_image(mean), moments.per_image(var)
             means.append(mean)
@@ -184,13 +188,16 @@ def _moments(
 
 
 class Engine:
-    """A model converted for stream-aware adaptation, with the state pools of its streams.
+    """A network served for stream-aware adaptation, with the state pools of its streams.
 
     Args:
-        model: an eval-mode classifier with BatchNorm2d layers (it is copied, never mutated).
-        name: the model's name, recorded in exported states.
+        network: a :class:`~engine.network.Network`, or an eval-mode ``nn.Module`` with
+            BatchNorm2d layers (copied into a TorchNetwork on ``device``, never mutated).
+        name: the model's name, recorded in exported states (the same for every backend of a
+            model, so that states move between them).
         num_classes: size of the logits, for the prediction observer.
-        device: where the model and every stream state live.
+        device: where an ``nn.Module`` runs (default cpu); a Network's own device otherwise.
+            Every stream state lives there.
         capacity: the most slots of a pool (streams per adapter and state structure); a pool
             starts with 4 and doubles on demand.
         observer_window: images the drift observer remembers per stream.
@@ -202,6 +209,7 @@ class Engine:
         cuda_graphs: on CUDA, replay each batch layout as a captured graph (LRU of
             ``max_graphs`` layouts). Off by default until its GPU test has run on a GPU
             (tests/adapters/test_gpu.py); the eager path is what docs/performance.md measured.
+            Only for a capturable network (PyTorch).
 
     Example:
         >>> engine = Engine(model, num_classes=10, device=torch.device("cpu"))
@@ -211,11 +219,11 @@ class Engine:
 
     def __init__(
         self,
-        model: nn.Module,
+        network: Network | nn.Module,
         *,
         name: str = "model",
         num_classes: int,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         capacity: int = 256,
         observer_window: int = 1000,
         autocast_dtype: torch.dtype | None = None,
@@ -225,18 +233,18 @@ class Engine:
         max_state_header_bytes: int = 0,
     ) -> None:
         self.name = name
-        self.device = torch.device(device)
-        self.model = copy.deepcopy(model).eval()
-        self.layers = convert_batchnorm(self.model)
-        if not self.layers:
-            raise ValueError("the model has no BatchNorm2d layer: nothing to adapt")
-        names = {id(module): name for name, module in self.model.named_modules()}
+        if isinstance(network, nn.Module):
+            network = TorchNetwork(network, torch.device(device or "cpu"))
+        elif device is not None and torch.device(device) != network.device:
+            raise ValueError(f"the network runs on {network.device}, not on {device}")
+        self.network: Network = network
+        self.device = network.device
+        self.layers = list(network.layers)
         count = len(self.layers)
         self.parts = [
-            f"the statistics of BN layer {layer.index} of {count} ({names[id(layer)]})"
-            for layer in self.layers
+            f"the statistics of BN layer {index} of {count} ({layer.name})"
+            for index, layer in enumerate(self.layers)
         ] + ["the prediction observer", "the logits"]
-        self.model.to(self.device).requires_grad_(False)
         self.num_classes = num_classes
         self.capacity = capacity
         self.autocast_dtype = autocast_dtype
@@ -245,7 +253,7 @@ class Engine:
         self.memory = MemoryBudget(max_state_bytes)
         self.max_state_header_bytes = max_state_header_bytes
         self._layouts: dict[PoolKey, StateLayout] = {}
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = cuda_graphs and network.capturable
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _CapturedForward] = {}
 
@@ -408,7 +416,7 @@ class Engine:
     def _identity(self, adapter: str, config: BaseModel, seed: int | None = None) -> dict:
         identity = {
             "model": self.name,
-            "layers": [layer.running_mean.numel() for layer in self.layers],
+            "layers": [layer.source.mean.numel() for layer in self.layers],
             "adapter": adapter,
             "config": config.model_dump(mode="json"),
         }
@@ -453,18 +461,14 @@ class Engine:
         """
         if order is not None:
             x = x.index_select(0, order)
-        batch = _Batch(groups, self.window)
+        batch = _Batch(self.layers, groups, self.window)
         for group in groups:
             group.layers, group.head, group.hparams = group.pool.gather(group.slots)
             group.broken = {}
             streams = torch.arange(group.images.shape[0], device=group.segment.device)
             group.members = (streams[:, None] == group.segment[None, :]).double()
-        token = ACTIVE_BATCH.set(batch)
-        try:
-            with self._autocast():
-                logits = self.model(x).float()
-        finally:
-            ACTIVE_BATCH.reset(token)
+        with self._autocast():
+            logits = self.network.forward(x, batch).float()
         problems = [self._problems(group, logits[group.start : group.stop]) for group in groups]
         # Only now, with the whole batch computed, do the streams' states change.
         if commit:
@@ -527,7 +531,7 @@ class Engine:
         """Logits of the unadapted source model."""
         x = images.to(self.device, non_blocking=True)
         with self._autocast():
-            return self.model(x).float()
+            return self.network.forward(x, None).float()
 
     def _autocast(self) -> torch.autocast:
         # No weight-cast cache: it would hold tensors across CUDA graph captures.

@@ -251,7 +251,7 @@ async def _stop(state: AppState) -> None:
 def is_ready(state: AppState) -> bool:
     """Readiness as ``/v2/health/ready`` last found it (the store's last ping, not a new one)."""
     store_answers = state.store_health is None or state.store_health.answered
-    return state.ready and not state.shutting_down and store_answers
+    return state.serving and store_answers
 
 
 def trouble_thresholds(settings: Settings) -> TroubleThresholds:

@@ -37,6 +37,11 @@ class AppState:
     # Asks the server to exit (a background start-up failed); set by the entry point.
     request_exit: Callable[[], None] | None = None
 
+    @property
+    def serving(self) -> bool:
+        """Started and not shutting down: readiness before the store's health is asked."""
+        return self.ready and not self.shutting_down
+
 
 def get_app_state(request: Request) -> AppState:
     """The app's state."""

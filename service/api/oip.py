@@ -255,7 +255,7 @@ async def ready(state: AppStateDep) -> JSONResponse:
     """200 once every model is loaded and streams are restored, while the state store answers
     (a ping at most once a second); 503 before, while the store is unreachable, and at shutdown.
     """
-    is_ready = state.ready and not state.shutting_down
+    is_ready = state.serving
     if is_ready and state.store_health is not None:
         is_ready = await state.store_health.reachable()
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)

@@ -691,6 +691,19 @@ class StreamRegistry(Generic[R]):
         if signal is not None:
             entry.signal = signal
 
+    async def refresh(self, entry: StreamEntry) -> None:
+        """Re-read a stream's sample count and signals from the store (its copy here lost a write).
+
+        Best effort: if the store cannot be read, the entry keeps its last acknowledged values.
+        """
+        try:
+            record = await asyncio.to_thread(self.writer.get, entry.info.id)
+        except StoreError:
+            return
+        if record is not None:
+            entry.samples = listed_samples(record.state)
+            entry.signal = signal_of(record.state)
+
     # --- lifecycle ---
 
     async def create(

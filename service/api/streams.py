@@ -362,16 +362,20 @@ async def run_prediction(
     )
     result = await runtime.batcher.submit(request)
     require_finite(result, entry.info.id)
-    registry.record(entry, result.samples, result.signal)
     if result.stored is not None:
         try:
             await asyncio.wrap_future(result.stored)
+        except StoreConflictError as error:
+            # the update is lost (another replica moved the stream on): list what the store holds
+            await registry.refresh(entry)
+            raise store_failure(error, "save the stream's new state") from None
         except StoreError as error:
-            if isinstance(error, StoreConflictError):
-                raise store_failure(error, "save the stream's new state") from None
+            # the update stands: it stays pending in this replica and is written when Redis is back
+            registry.record(entry, result.samples, result.signal)
             raise StoreUnavailableError(
                 f"the prediction was made but the stream's new state was not saved: {error}"
             ) from None
+    registry.record(entry, result.samples, result.signal)
     return result
 
 

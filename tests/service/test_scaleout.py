@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from service.stores import RedisStore, StoreConflictError, StreamRecord
 from tests.service.helpers import post_pixels as send
@@ -84,6 +85,33 @@ def test_two_replicas_at_once_lose_no_update(tmp_path: Path, model_cache: Path) 
         assert stored_samples(url, "t") == acknowledged == 8
         # a can still read the stream's last stored state without taking it over
         assert a.get("/v1/streams/t/state").content == b.get("/v1/streams/t/state").content
+
+
+def test_a_write_lost_after_the_forward_is_not_counted(tmp_path: Path, model_cache: Path) -> None:
+    """A's lease vanishes from Redis (a failover lost it) while A still trusts its copy; B takes
+    the stream and writes. A's next request is forwarded on the stale copy, its fenced write loses:
+    409, and A lists the stream with the stored count, not with the lost request's images."""
+    with (
+        running_redis() as url,
+        running_server(settings(tmp_path, model_cache, url, "a", lease_ttl_s=30)) as a_server,
+        running_server(settings(tmp_path, model_cache, url, "b", lease_ttl_s=30)) as b_server,
+        a_server.client() as a,
+        b_server.client() as b,
+    ):
+        assert a.post("/v1/streams", json={"id": "u", "adapter": "adabn"}).status_code == 201
+        assert send(a, "u", random_pixels(2, 0)).status_code == 200
+        client = redis.Redis.from_url(url)
+        try:
+            assert client.delete(*client.keys(b"tta:lease:*u*")) == 1
+        finally:
+            client.close()
+        assert send(b, "u", random_pixels(3, 1)).status_code == 200  # stored: 5
+        lost = send(a, "u", random_pixels(4, 2))  # A's copy is at 2: its write is fenced
+        assert lost.status_code == 409, lost.text
+        assert stored_samples(url, "u") == 5
+        assert a.get("/v1/streams/u").json()["samples"] == 5
+        listed = {s["id"]: s["samples"] for s in a.get("/v1/streams").json()["data"]}
+        assert listed["u"] == 5
 
 
 def record(samples_marker: bytes, version: int) -> StreamRecord:

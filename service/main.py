@@ -120,6 +120,7 @@ def _open_store(settings: Settings) -> StateStore:
         settings.store,
         directory=settings.data_dir.expanduser() / "streams",
         redis_url=settings.redis_url,
+        redis_cluster=settings.redis_cluster,
         replica_id=settings.replica_id,
         lease_ttl_s=settings.lease_ttl_s,
     )

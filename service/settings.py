@@ -107,6 +107,11 @@ class Settings(BaseSettings):
         default="local", description="state store kind"
     )
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis store URL")
+    redis_cluster: bool = Field(
+        default=False,
+        description="the Redis store is a Redis Cluster (redis_url: any of its nodes); streams "
+        "spread over its shards by id (docs/scaling.md)",
+    )
     store_connect_timeout_s: float = Field(
         default=30.0,
         ge=0,

@@ -6,7 +6,7 @@ Three backends share one contract (`StateStore`):
 - `LocalStore`: one file per stream in a directory, written atomically (temp file, fsync,
   rename, fsync of the directory); the embedded default. Its directory belongs to one server
   process, which removes the temp files a crash left behind when it opens the store.
-- `RedisStore`: one Redis hash per stream plus a set of ids, for several replicas. Its writes
+- `RedisStore`: one Redis hash per stream, for several replicas (and Redis Cluster). Its writes
   are fenced and versioned (see `RedisStore` and docs/scaling.md): a stream has one owner at a
   time (a lease with a TTL and a fencing token), and a write derived from an older version, or
   made with an older token, fails with `StoreConflictError` instead of overwriting newer state.
@@ -29,6 +29,7 @@ in the hash field `meta` and the raw state in the field `state`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -603,6 +604,11 @@ class LocalStore:
 # --- redis ---------------------------------------------------------------------------------
 
 
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis glob pattern (SCAN MATCH)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
 def redact_url(url: str) -> str:
     """`url` without its password, for error messages and logs."""
     try:
@@ -636,8 +642,8 @@ redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. token, 'PX', ARGV[2])
 return {1, token, version}
 """
 
-# Fenced, versioned write: KEYS stream hash, fence counter, id set; ARGV token, new version,
-# meta, state, id. Written only if the token is the newest one granted for the stream and the
+# Fenced, versioned write: KEYS stream hash, fence counter; ARGV token, new version, meta,
+# state. Written only if the token is the newest one granted for the stream and the
 # store has not moved past the version the record was derived from (stored < new: a write
 # retried after an outage may carry several versions at once). A retry of a write that was applied
 # (same version, same token: only this owner writes with it) succeeds again.
@@ -653,7 +659,6 @@ end
 if token ~= fence then return {0, 'fenced', fence} end
 if version >= new then return {0, 'version', version} end
 redis.call('HSET', KEYS[1], 'meta', ARGV[3], 'state', ARGV[4], 'version', new, 'token', token)
-redis.call('SADD', KEYS[3], ARGV[5])
 return {1}
 """
 
@@ -665,23 +670,29 @@ return 0
 
 
 class RedisStore:
-    """One Redis hash per stream (`<prefix>stream:<id>`, fields `meta` and `state`), ids in a set.
+    """One Redis hash per stream (`<prefix>stream:{<id>}`, fields `meta`, `state`, `version`).
 
-    A put sets both hash fields and adds the id to `<prefix>ids` in one MULTI/EXEC transaction,
-    so readers never see a half-written stream. Both commands are idempotent, so redis-py's
-    retry of a transaction after a dropped connection is safe. Durability across a Redis restart
-    is Redis's own (AOF/RDB settings): `put` returns once Redis has applied the write.
+    Every key of a stream carries the id as its hash tag (`{<id>}`): the stream's hash, lease and
+    fence counter live in one Redis Cluster slot, so each operation (a Lua script included) stays
+    on one shard, and streams spread over the shards by id. There is no global key: the ids are
+    listed by SCAN over the hashes (on every primary of a cluster), so no single key grows with
+    the number of streams. A put is one HSET or one script, atomic either way, so readers never
+    see a half-written stream; both are idempotent, so redis-py's retry after a dropped
+    connection is safe. Durability across a Redis restart is Redis's own (AOF/RDB settings): `put`
+    returns once Redis has applied the write.
 
     Ownership (docs/scaling.md): `acquire` gives this replica (``replica_id``) a lease on a
-    stream, `<prefix>lease:<id>` = "<replica> <token>" with a TTL, refused while another
-    replica's lease lives; tokens come from `<prefix>fence:<id>`, which only grows. A put with
+    stream, `<prefix>lease:{<id>}` = "<replica> <token>" with a TTL, refused while another
+    replica's lease lives; tokens come from `<prefix>fence:{<id>}`, which only grows. A put with
     a token is one Lua script: it writes only if the token is the newest granted and the hash's
     `version` field is below the record's, so a replica that was paused, partitioned or
     adapted from a stale copy gets StoreConflictError and never overwrites newer state.
 
     Args:
-        url: a redis-py URL, e.g. `redis://127.0.0.1:6379/0` (passwords never appear in errors).
+        url: a redis-py URL, e.g. `redis://127.0.0.1:6379/0` (passwords never appear in errors);
+            with ``cluster``, the address of any node of the cluster.
         prefix: namespace of every key, so several deployments can share one Redis.
+        cluster: connect with redis-py's cluster client (Redis Cluster).
         socket_timeout: seconds for connecting and for each command; short, so that a dead
             Redis becomes a StoreError quickly instead of blocking the worker thread.
         retries: retries of a command after a connection error or timeout.
@@ -698,6 +709,7 @@ class RedisStore:
         retries: int = 1,
         replica_id: str = "replica",
         lease_ttl_s: float = 10.0,
+        cluster: bool = False,
     ) -> None:
         if not replica_id or any(c.isspace() for c in replica_id):
             raise ValueError(f"replica id {replica_id!r} must be non-empty, without spaces")
@@ -706,9 +718,9 @@ class RedisStore:
         self.lease_ttl_s: float | None = lease_ttl_s
         self._url = redact_url(url)
         self._closed = False
-        self._ids_key = f"{prefix}ids"
+        client_class = redis.RedisCluster if cluster else redis.Redis
         try:
-            self._client = redis.Redis.from_url(
+            self._client: redis.Redis | redis.RedisCluster = client_class.from_url(
                 url,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=socket_timeout,
@@ -721,9 +733,49 @@ class RedisStore:
         self._acquire = self._client.register_script(_ACQUIRE)
         self._put = self._client.register_script(_PUT)
         self._release = self._client.register_script(_RELEASE)
+        if not cluster:
+            self._migrate_id_set()
 
     def _key(self, stream_id: str) -> str:
-        return f"{self.prefix}stream:{stream_id}"
+        return f"{self.prefix}stream:{{{stream_id}}}"
+
+    def _id_of(self, key: bytes) -> str | None:
+        """The stream id of a hash key found by SCAN (None if it is not one of ours)."""
+        head = f"{self.prefix}stream:{{".encode()
+        if not (key.startswith(head) and key.endswith(b"}")):
+            return None
+        try:
+            return key[len(head) : -1].decode("utf-8")
+        except UnicodeDecodeError:
+            logger.warning("skipping Redis key %r: its stream id is not UTF-8", key)
+            return None
+
+    def _migrate_id_set(self) -> None:
+        """Move streams written by releases before hash tags (`<prefix>stream:<id>` + an id set).
+
+        Each old key is renamed to its tagged name (the fence counter too: tokens never go
+        back); concurrent start-ups are safe, as RENAMENX of a key already moved fails. Cluster
+        deployments never had the old layout (its multi-key writes could not run there).
+        """
+        old_ids = f"{self.prefix}ids"
+        try:
+            members = self._client.smembers(old_ids)
+            for member in members:
+                stream_id = member.decode(errors="replace") if isinstance(member, bytes) else member
+                for kind in ("stream", "fence"):
+                    old, new = (
+                        f"{self.prefix}{kind}:{stream_id}",
+                        f"{self.prefix}{kind}:{{{stream_id}}}",
+                    )
+                    with contextlib.suppress(redis.ResponseError):  # gone: moved by another
+                        self._client.renamenx(old, new)
+            if members:
+                logger.info("moved %d Redis streams to hash-tagged keys", len(members))
+            self._client.delete(old_ids)
+        except redis.RedisError as exc:
+            raise StoreError(
+                f"Redis at {self._url}: cannot move streams to hash-tagged keys: {exc}"
+            ) from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -751,10 +803,10 @@ class RedisStore:
         return dataclasses.replace(record, version=version)
 
     def _lease_key(self, stream_id: str) -> str:
-        return f"{self.prefix}lease:{stream_id}"
+        return f"{self.prefix}lease:{{{stream_id}}}"
 
     def _fence_key(self, stream_id: str) -> str:
-        return f"{self.prefix}fence:{stream_id}"
+        return f"{self.prefix}fence:{{{stream_id}}}"
 
     def acquire(self, stream_id: str) -> Lease:
         """Take or renew this replica's lease; StoreConflictError while another replica owns it."""
@@ -783,7 +835,7 @@ class RedisStore:
             raise self._error(f"release stream {stream_id!r}", exc) from exc
 
     def put(self, record: StreamRecord, token: int | None = None) -> None:
-        """Write the stream's hash and id: fenced by ``token`` if given, else unconditionally.
+        """Write the stream's hash: fenced by ``token`` if given, else unconditionally.
 
         The unconditional form (tools, tests, a single replica) sets the version to the
         record's. StoreConflictError if a fenced write finds a newer token or version.
@@ -794,19 +846,16 @@ class RedisStore:
             self._put_fenced(record, meta, token)
             return
         try:
-            with self._client.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    self._key(record.id),
-                    mapping={"meta": meta, "state": record.state, "version": record.version},
-                )
-                pipe.sadd(self._ids_key, record.id)
-                pipe.execute()
+            self._client.hset(
+                self._key(record.id),
+                mapping={"meta": meta, "state": record.state, "version": record.version},
+            )
         except redis.RedisError as exc:
             raise self._error(f"write stream {record.id!r}", exc) from exc
 
     def _put_fenced(self, record: StreamRecord, meta: bytes, token: int) -> None:
-        keys = [self._key(record.id), self._fence_key(record.id), self._ids_key]
-        args: list[bytes | str | int] = [token, record.version, meta, record.state, record.id]
+        keys = [self._key(record.id), self._fence_key(record.id)]
+        args: list[bytes | str | int] = [token, record.version, meta, record.state]
         try:
             result = self._put(keys=keys, args=args)
         except redis.RedisError as exc:
@@ -830,41 +879,29 @@ class RedisStore:
         return self._decode(stream_id, fields)
 
     def delete(self, stream_id: str) -> None:
-        """Delete the stream's hash and its id in one transaction; no error if absent."""
+        """Delete the stream's hash; no error if absent. Its fence counter stays (tokens grow)."""
         self._check_open()
         try:
-            with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(self._key(stream_id))
-                pipe.srem(self._ids_key, stream_id)
-                pipe.execute()
+            self._client.delete(self._key(stream_id))
         except redis.RedisError as exc:
             raise self._error(f"delete stream {stream_id!r}", exc) from exc
 
-    def _member_ids(self) -> list[str]:
+    def ids(self) -> list[str]:
+        """The ids of the stored streams, sorted (a SCAN of this prefix's stream hashes)."""
+        self._check_open()
+        pattern = _glob_escape(self.prefix) + "stream:{*}"
         try:
-            members = self._client.smembers(self._ids_key)
+            keys = self._client.scan_iter(match=pattern, count=1000, _type="HASH")
+            return sorted(i for i in map(self._id_of, keys) if i is not None)
         except redis.RedisError as exc:
             raise self._error("list stream ids", exc) from exc
-        ids = []
-        for member in members:
-            try:
-                ids.append(member.decode("utf-8") if isinstance(member, bytes) else member)
-            except UnicodeDecodeError:
-                logger.warning("skipping non-UTF-8 id %r in Redis set %s", member, self._ids_key)
-        return sorted(ids)
-
-    def ids(self) -> list[str]:
-        """The ids in the id set, sorted."""
-        self._check_open()
-        return self._member_ids()
 
     def load_all(self) -> Iterator[StreamRecord]:
-        """Every record listed in the id set, sorted by id, fetched in pipelined chunks.
+        """Every stored record, sorted by id, fetched in pipelined chunks.
 
-        Corrupt hashes, and ids whose hash is missing, are logged and skipped.
+        Corrupt hashes, and hashes deleted while listing, are logged and skipped.
         """
-        self._check_open()
-        ids = self._member_ids()
+        ids = self.ids()
         for start in range(0, len(ids), _REDIS_SCAN_CHUNK):
             chunk = ids[start : start + _REDIS_SCAN_CHUNK]
             try:
@@ -876,9 +913,7 @@ class RedisStore:
                 raise self._error("read streams", exc) from exc
             for stream_id, fields in zip(chunk, results, strict=True):
                 if not fields:
-                    logger.warning(
-                        "skipping stream %r: listed in %s, no hash", stream_id, self._ids_key
-                    )
+                    logger.warning("skipping stream %r: deleted while loading", stream_id)
                     continue
                 try:
                     yield self._decode(stream_id, fields)
@@ -915,6 +950,7 @@ def create_store(
     redis_prefix: str = "tta:",
     replica_id: str = "replica",
     lease_ttl_s: float = 10.0,
+    redis_cluster: bool = False,
 ) -> StateStore:
     """Create a state store by name.
 
@@ -925,6 +961,7 @@ def create_store(
         redis_prefix: key namespace of the Redis store.
         replica_id: this replica's name in the Redis store's leases.
         lease_ttl_s: how long a Redis lease lasts without renewal.
+        redis_cluster: ``redis_url`` is a node of a Redis Cluster.
 
     The caller owns the store: a local store's leftover temp files (from a crash) are removed.
 
@@ -948,7 +985,11 @@ def create_store(
         if not redis_url:
             raise ValueError("the redis state store needs a redis_url")
         return RedisStore(
-            redis_url, prefix=redis_prefix, replica_id=replica_id, lease_ttl_s=lease_ttl_s
+            redis_url,
+            prefix=redis_prefix,
+            replica_id=replica_id,
+            lease_ttl_s=lease_ttl_s,
+            cluster=redis_cluster,
         )
     raise ValueError(f"Unknown state store ({kind!r}); valid: {', '.join(STORE_KINDS)}")
 

@@ -24,7 +24,7 @@ from tests.service.helpers import (
     snapshot,
     tensors,
 )
-from tests.service.redis_server import running_redis
+from tests.service.redis_server import running_redis, running_redis_cluster
 
 OCTET = {"content-type": "application/octet-stream"}
 
@@ -82,6 +82,15 @@ def test_restart_restores_state_local(tmp_path: Path, model_cache: Path) -> None
 def test_restart_restores_state_redis(tmp_path: Path, model_cache: Path) -> None:
     with running_redis() as url:
         settings = server_settings(tmp_path, model_cache, store="redis", redis_url=url)
+        check_restart(settings, settings)
+
+
+def test_restart_restores_state_redis_cluster(tmp_path: Path, model_cache: Path) -> None:
+    """The same on a real three-node Redis Cluster (`redis_cluster`): streams on every shard."""
+    with running_redis_cluster() as url:
+        settings = server_settings(
+            tmp_path, model_cache, store="redis", redis_url=url, redis_cluster=True
+        )
         check_restart(settings, settings)
 
 

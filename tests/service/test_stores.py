@@ -29,6 +29,7 @@ from service.stores import (
     MemoryStore,
     RedisStore,
     StateStore,
+    StoreConflictError,
     StoreError,
     StreamRecord,
     create_store,
@@ -36,7 +37,12 @@ from service.stores import (
     encode_record,
     stream_file_name,
 )
-from tests.service.redis_server import RedisServerUnavailable, free_port, running_redis
+from tests.service.redis_server import (
+    RedisServerUnavailable,
+    free_port,
+    running_redis,
+    running_redis_cluster,
+)
 
 HOSTILE_IDS = ["../../etc/passwd", "/etc/passwd", "..", "a/b\\c", "nul\x00byte", "ünï-çødé"]
 
@@ -68,20 +74,34 @@ def redis_url() -> Iterator[str]:
         pytest.fail(str(exc), pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A real three-node Redis Cluster for the whole session (fails if Redis is not installed)."""
+    try:
+        with running_redis_cluster() as url:
+            yield url
+    except RedisServerUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
 @pytest.fixture
 def redis_prefix() -> str:
     """A key namespace of its own for each test, so tests sharing the server never collide."""
     return f"test-{uuid.uuid4().hex}:"
 
 
-@pytest.fixture(params=STORE_KINDS)
+@pytest.fixture(params=[*STORE_KINDS, "redis-cluster"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
-    """A fresh, empty store of each kind, made by the factory."""
+    """A fresh, empty store of each kind (and Redis as a cluster), made by the factory."""
     kind = request.param
-    if kind == "redis":
-        url = request.getfixturevalue("redis_url")
+    if kind.startswith("redis"):
+        cluster = kind == "redis-cluster"
+        url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
         made = create_store(
-            kind, redis_url=url, redis_prefix=request.getfixturevalue("redis_prefix")
+            "redis",
+            redis_url=url,
+            redis_prefix=request.getfixturevalue("redis_prefix"),
+            redis_cluster=cluster,
         )
     else:
         made = create_store(kind, directory=tmp_path / "streams")
@@ -398,21 +418,66 @@ def test_local_directory_where_no_file_can_be_created_is_a_store_error() -> None
 # --- RedisStore against a real redis-server ------------------------------------------------
 
 
-def test_redis_layout_is_one_hash_and_an_id_set(redis_url: str, redis_prefix: str) -> None:
+def test_redis_layout_is_one_hash_tagged_by_id(redis_url: str, redis_prefix: str) -> None:
+    """One hash per stream and no global key; every key of a stream is tagged with its id, so
+    a Redis Cluster keeps them in one slot (the lease script touches three of them)."""
     store = RedisStore(redis_url, prefix=redis_prefix)
     record = make_record("cam/1")
+    store.release("cam/1", store.acquire("cam/1").token)
     store.put(record)
     raw = redis.Redis.from_url(redis_url)
-    assert raw.smembers(f"{redis_prefix}ids") == {b"cam/1"}
-    fields = raw.hgetall(f"{redis_prefix}stream:cam/1")
+    assert sorted(raw.keys(f"{redis_prefix}*")) == [
+        f"{redis_prefix}fence:{{cam/1}}".encode(),
+        f"{redis_prefix}stream:{{cam/1}}".encode(),
+    ]
+    fields = raw.hgetall(f"{redis_prefix}stream:{{cam/1}}")
     # version: what a fenced write (a replica's, under a lease) checks; an unfenced put sets it
     assert set(fields) == {b"meta", b"state", b"version"}
     assert fields[b"version"] == b"0"
     assert fields[b"state"] == record.state
     assert json.loads(fields[b"meta"])["id"] == "cam/1"
     store.delete("cam/1")
-    assert raw.keys(f"{redis_prefix}*") == []
+    assert raw.keys(f"{redis_prefix}*") == [f"{redis_prefix}fence:{{cam/1}}".encode()]
     raw.close()
+    store.close()
+
+
+def test_redis_streams_of_the_id_set_layout_are_moved(redis_url: str, redis_prefix: str) -> None:
+    """Streams written before hash tags (`stream:<id>` + an id set) are renamed at start-up,
+    their fence counters too, so tokens keep growing; a second start-up finds nothing to move."""
+    raw = redis.Redis.from_url(redis_url)
+    old = RedisStore(redis_url, prefix=redis_prefix)
+    for name in ["a", "b"]:
+        old.put(make_record(name, state=name.encode()))
+        raw.rename(f"{redis_prefix}stream:{{{name}}}", f"{redis_prefix}stream:{name}")
+        raw.sadd(f"{redis_prefix}ids", name)
+    raw.set(f"{redis_prefix}fence:a", 41)
+    store = RedisStore(redis_url, prefix=redis_prefix)
+    assert store.ids() == ["a", "b"]
+    assert [r.state for r in store.load_all()] == [b"a", b"b"]
+    assert store.acquire("a").token == 42
+    assert raw.exists(f"{redis_prefix}ids", f"{redis_prefix}stream:a") == 0
+    assert RedisStore(redis_url, prefix=redis_prefix).ids() == ["a", "b"]
+    raw.close()
+
+
+def test_redis_cluster_spreads_streams_over_its_shards(
+    redis_cluster_url: str, redis_prefix: str
+) -> None:
+    """On a real three-node cluster: leases and fenced writes work on every shard, and the
+    streams land on all three primaries (their hash slots come from their ids)."""
+    store = RedisStore(redis_cluster_url, prefix=redis_prefix, cluster=True, replica_id="r")
+    names = [f"cam-{i}" for i in range(30)]
+    for name in names:
+        lease = store.acquire(name)
+        store.put(make_record(name, version=1), lease.token)
+        with pytest.raises(StoreConflictError):
+            store.put(make_record(name, version=1), lease.token + 1)
+    assert store.ids() == sorted(names)
+    client = redis.RedisCluster.from_url(redis_cluster_url)
+    nodes = {client.get_node_from_key(f"{redis_prefix}stream:{{{n}}}").name for n in names}
+    assert len(nodes) == 3
+    client.close()
     store.close()
 
 
@@ -431,17 +496,19 @@ def test_redis_corrupt_or_dangling_entries_are_skipped(
     for name in ["good", "bad-json", "bad-state", "no-state", "other-id"]:
         store.put(make_record(name))
     raw = redis.Redis.from_url(redis_url)
-    raw.hset(f"{redis_prefix}stream:bad-json", "meta", b"{not json")
-    raw.hset(f"{redis_prefix}stream:bad-state", "state", b"tampered")
-    raw.hdel(f"{redis_prefix}stream:no-state", "state")
-    other_meta = raw.hget(f"{redis_prefix}stream:good", "meta")
-    raw.hset(f"{redis_prefix}stream:other-id", "meta", other_meta)
-    raw.sadd(f"{redis_prefix}ids", "dangling")  # listed, but no hash
+    raw.hset(f"{redis_prefix}stream:{{bad-json}}", "meta", b"{not json")
+    raw.hset(f"{redis_prefix}stream:{{bad-state}}", "state", b"tampered")
+    raw.hdel(f"{redis_prefix}stream:{{no-state}}", "state")
+    other_meta = raw.hget(f"{redis_prefix}stream:{{good}}", "meta")
+    raw.hset(f"{redis_prefix}stream:{{other-id}}", "meta", other_meta)
+    raw.set(f"{redis_prefix}stream:{{dangling}}", b"not a hash")  # matches, wrong type
+    raw.hset(f"{redis_prefix}stream:{{".encode() + b"\xff}", "meta", b"{}")  # id not UTF-8
     raw.close()
     with caplog.at_level(logging.WARNING, logger="service.stores"):
         assert [r.id for r in store.load_all()] == ["good"]
-    for name in ["bad-json", "bad-state", "no-state", "other-id", "dangling"]:
+    for name in ["bad-json", "bad-state", "no-state", "other-id"]:
         assert repr(name) in caplog.text
+    assert "not UTF-8" in caplog.text
     for name, message in [
         ("bad-json", "not UTF-8 JSON"),
         ("bad-state", "header says"),
@@ -450,7 +517,8 @@ def test_redis_corrupt_or_dangling_entries_are_skipped(
     ]:
         with pytest.raises(CorruptRecordError, match=message):
             store.get(name)
-    assert store.get("dangling") is None
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        store.get("dangling")
 
 
 def test_redis_load_all_spans_several_pipeline_chunks(redis_url: str, redis_prefix: str) -> None:

@@ -619,6 +619,7 @@ class StreamRegistry(Generic[R]):
         self.metrics = metrics
         self.clock = clock
         self.entries: dict[str, StreamEntry] = {}
+        # ids being created or deleted: not looked up in the store, whose record is not final
         self._reserved: set[str] = set()
 
     # --- lookup ---
@@ -773,19 +774,25 @@ class StreamRegistry(Generic[R]):
             slots.close(stream_id)
             return before, token
 
-        del self.entries[stream_id]  # no new request finds it from here on
+        del self.entries[stream_id]  # no new request finds it from here on (nor in the store)
+        self._reserved.add(stream_id)
         try:
-            before, token = await runtime.call(discard, runtime.slots)
-        except StoreUnavailableError:
-            self.entries.setdefault(stream_id, entry)
-            raise
-        try:
-            await self._wait_store(self.writer.delete(stream_id), f"delete stream {stream_id!r}")
-        except StoreUnavailableError:
-            if before is not None:  # after the failed deletion: the store keeps the stream
-                self.writer.put(before, token)
-            self.entries.setdefault(stream_id, entry)
-            raise
+            try:
+                before, token = await runtime.call(discard, runtime.slots)
+            except StoreUnavailableError:
+                self.entries.setdefault(stream_id, entry)
+                raise
+            try:
+                await self._wait_store(
+                    self.writer.delete(stream_id), f"delete stream {stream_id!r}"
+                )
+            except StoreUnavailableError:
+                if before is not None:  # after the failed deletion: the store keeps the stream
+                    self.writer.put(before, token)
+                self.entries.setdefault(stream_id, entry)
+                raise
+        finally:
+            self._reserved.discard(stream_id)
         self._count(entry.info.model)
 
     async def reset(self, stream_id: str) -> StreamEntry:

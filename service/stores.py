@@ -74,11 +74,13 @@ class StoreError(Exception):
 class StoreConflictError(StoreError):
     """A fenced write or a lease lost to another replica: the caller's copy of the stream is stale.
 
-    ``retry_after_s`` is when retrying may succeed (the other owner's lease left, or 1 s).
+    ``stream_id`` is the stream; ``retry_after_s`` is when retrying may succeed (the other
+    owner's lease left, or 1 s).
     """
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+    def __init__(self, message: str, stream_id: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
+        self.stream_id = stream_id
         self.retry_after_s = retry_after_s
 
 
@@ -822,6 +824,7 @@ class RedisStore:
             wait = max(int(result[1]), 0) / 1000
             raise StoreConflictError(
                 f"stream {stream_id!r} is served by replica {owner} for {wait:.1f} s more",
+                stream_id,
                 retry_after_s=max(wait, 1.0),
             )
         return Lease(token=int(result[1]), version=int(result[2]))
@@ -864,7 +867,8 @@ class RedisStore:
             reason = result[1].decode() if isinstance(result[1], bytes) else result[1]
             raise StoreConflictError(
                 f"stream {record.id!r} moved on in the store ({reason}: found {result[2]}, "
-                f"wrote version {record.version} with token {token}): this copy was stale"
+                f"wrote version {record.version} with token {token}): this copy was stale",
+                record.id,
             )
 
     def get(self, stream_id: str) -> StreamRecord | None:

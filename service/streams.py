@@ -972,6 +972,9 @@ class StreamRegistry(Generic[R]):
                 await asyncio.wrap_future(future)
             except StoreError as error:
                 logger.warning("flush: %s", error)
+                if isinstance(error, StoreConflictError) and error.stream_id in self.entries:
+                    # the updates are lost: list the stream with what the store holds
+                    await self.refresh(self.entries[error.stream_id])
 
     def _count(self, model: str) -> None:
         count = sum(1 for e in self.entries.values() if e.info.model == model)

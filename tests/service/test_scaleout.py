@@ -8,6 +8,7 @@ timed assertion: every check is on counts and states.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +101,7 @@ def test_a_write_lost_after_the_forward_is_not_counted(tmp_path: Path, model_cac
     ):
         assert a.post("/v1/streams", json={"id": "u", "adapter": "adabn"}).status_code == 201
         assert send(a, "u", random_pixels(2, 0)).status_code == 200
-        client = redis.Redis.from_url(url)
-        try:
-            assert client.delete(*client.keys(b"tta:lease:*u*")) == 1
-        finally:
-            client.close()
+        drop_lease(url, "u")
         assert send(b, "u", random_pixels(3, 1)).status_code == 200  # stored: 5
         lost = send(a, "u", random_pixels(4, 2))  # A's copy is at 2: its write is fenced
         assert lost.status_code == 409, lost.text
@@ -112,6 +109,44 @@ def test_a_write_lost_after_the_forward_is_not_counted(tmp_path: Path, model_cac
         assert a.get("/v1/streams/u").json()["samples"] == 5
         listed = {s["id"]: s["samples"] for s in a.get("/v1/streams").json()["data"]}
         assert listed["u"] == 5
+
+
+def test_an_interval_flush_that_loses_is_not_counted(tmp_path: Path, model_cache: Path) -> None:
+    """The same under durability=interval: A acknowledged 4 images on its stale copy; its flush
+    is fenced (those updates are lost, as docs/scaling.md says) and A lists the stored count."""
+    interval = {"durability": "interval", "flush_interval_s": 0.2, "lease_ttl_s": 30}
+    with (
+        running_redis() as url,
+        running_server(settings(tmp_path, model_cache, url, "a", **interval)) as a_server,
+        running_server(settings(tmp_path, model_cache, url, "b", lease_ttl_s=30)) as b_server,
+        a_server.client() as a,
+        b_server.client() as b,
+    ):
+        assert a.post("/v1/streams", json={"id": "v", "adapter": "adabn"}).status_code == 201
+        assert send(a, "v", random_pixels(2, 0)).status_code == 200
+        wait_until(lambda: stored_samples(url, "v") == 2)  # A's flush wrote it
+        drop_lease(url, "v")
+        assert send(b, "v", random_pixels(3, 1)).status_code == 200  # stored: 5
+        assert send(a, "v", random_pixels(4, 2)).json()["samples"] == 6  # acknowledged, stale
+        wait_until(lambda: a.get("/v1/streams/v").json()["samples"] == 5)
+        assert stored_samples(url, "v") == 5
+
+
+def drop_lease(url: str, stream_id: str) -> None:
+    """Delete a stream's lease behind its owner's back, as a Redis failover can."""
+    client = redis.Redis.from_url(url)
+    try:
+        assert client.delete(f"tta:lease:{{{stream_id}}}") == 1
+    finally:
+        client.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail if it does not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.05)
 
 
 def record(samples_marker: bytes, version: int) -> StreamRecord:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.middleware.gzip import GZipMiddleware
 
 from models import ModelError
 from service.api import catalog, oip, streams
@@ -28,7 +29,12 @@ from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.health import StoreHealth
 from service.metrics import Metrics, TroubleThresholds
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware, ServedByMiddleware
+from service.middleware import (
+    BodyLimitMiddleware,
+    DecompressMiddleware,
+    MetricsMiddleware,
+    ServedByMiddleware,
+)
 from service.runtime import load_runtime, resolve_device
 from service.scheduler import Batcher
 from service.schemas import Base64Images
@@ -41,6 +47,7 @@ logger = logging.getLogger(__name__)
 EXPIRY_PERIOD_S = 1.0
 FIRST_RETRY_S = 0.1  # backoff of the store connection at start-up: 0.1 s, doubling, to 5 s
 MAX_RETRY_S = 5.0
+GZIP_MIN_BYTES = 1024  # smaller responses are sent as they are (Accept-Encoding: gzip or not)
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
@@ -64,9 +71,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     )
     app.state.tta = state
     install_error_handlers(app)
+    # The last added runs first: a compressed body is bounded as sent, then once inflated.
+    app.add_middleware(DecompressMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(ServedByMiddleware, replica_id=settings.replica_id)
+    app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)
     app.include_router(streams.router, prefix="/v1/streams")
     app.include_router(catalog.models_router, prefix="/v1/models")
     app.include_router(catalog.adapters_router, prefix="/v1/adapters")

@@ -114,7 +114,7 @@ def test_infer_fp32_with_header_stream_id(client: httpx.Client) -> None:
     body = {
         "inputs": [
             {
-                "name": "INPUT__0",
+                "name": "input",
                 "shape": [1, 3, 32, 32],
                 "datatype": "FP32",
                 "data": normalized(pixels).flatten().tolist(),

@@ -27,6 +27,7 @@ from service.api import metrics as metrics_api
 from service.api.deps import AppState
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
+from service.grpc_server import start_grpc
 from service.health import StoreHealth
 from service.metrics import Metrics, TroubleThresholds
 from service.middleware import (
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 EXPIRY_PERIOD_S = 1.0
 FIRST_RETRY_S = 0.1  # backoff of the store connection at start-up: 0.1 s, doubling, to 5 s
 MAX_RETRY_S = 5.0
+GRPC_STOP_GRACE_S = 5.0
 GZIP_MIN_BYTES = 1024  # smaller responses are sent as they are (Accept-Encoding: gzip or not)
 
 
@@ -115,10 +117,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         except BaseException:
             await _stop(state)
             raise
+    grpc_server = None
+    if state.settings.grpc_port is not None:
+        grpc_server = start_grpc(state, asyncio.get_running_loop())
     try:
         yield
     finally:
         state.shutting_down = True
+        if grpc_server is not None:  # its calls in flight finish on this loop meanwhile
+            await asyncio.to_thread(grpc_server.stop(GRPC_STOP_GRACE_S).wait)
         if waiting is not None:
             waiting.cancel()
             await asyncio.gather(waiting, return_exceptions=True)

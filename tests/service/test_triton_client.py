@@ -1,6 +1,6 @@
-"""Triton's own Python client (``tritonclient``), unmodified, against a real server.
+"""Triton's own Python clients (``tritonclient.http`` and ``.grpc``), unmodified, on a real server.
 
-What its examples do: health and metadata, stateless inference, Triton sequences
+What their examples do: health and metadata, stateless inference, Triton sequences
 (``sequence_id`` with ``sequence_start``/``sequence_end``), binary tensors, compressed requests
 and responses, the classification extension, statistics, config and the repository index. The
 predictions are checked against the v1 API's for the same images and adapter.
@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
@@ -22,7 +23,7 @@ from tests.service.helpers import MODEL, Server, random_pixels, running_server, 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Server]:
-    settings = server_settings(tmp_path_factory.mktemp("data"), model_cache)
+    settings = server_settings(tmp_path_factory.mktemp("data"), model_cache, grpc_port=0)
     with running_server(settings) as running:
         yield running
 
@@ -36,6 +37,14 @@ def client(server: Server) -> Iterator[httpx.Client]:
 @pytest.fixture
 def triton(server: Server) -> Iterator[triton_http.InferenceServerClient]:
     client = triton_http.InferenceServerClient(url=server.url.removeprefix("http://"))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def triton_rpc(server: Server) -> Iterator[triton_grpc.InferenceServerClient]:
+    port = server.app.state.tta.grpc_port
+    client = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{port}")
     yield client
     client.close()
 
@@ -235,3 +244,71 @@ def test_statistics_count_the_inferences(triton: triton_http.InferenceServerClie
     assert success["ns"] > before["inference_stats"]["success"]["ns"]
     everything = triton.get_inference_statistics()["model_stats"]
     assert [s["name"] for s in everything] == [MODEL]
+
+
+def grpc_infer(
+    triton_rpc: triton_grpc.InferenceServerClient,
+    pixels: np.ndarray,
+    outputs: tuple[str, ...] = ("probabilities",),
+    **kwargs: object,
+) -> triton_grpc.InferResult:
+    """One inference through the gRPC client."""
+    tensor = triton_grpc.InferInput("input", [len(pixels), 3, 32, 32], "UINT8")
+    tensor.set_data_from_numpy(nchw(pixels))
+    wanted = [triton_grpc.InferRequestedOutput(name) for name in outputs]
+    return triton_rpc.infer(MODEL, [tensor], outputs=wanted, **kwargs)
+
+
+def test_grpc_health_and_metadata(triton_rpc: triton_grpc.InferenceServerClient) -> None:
+    assert triton_rpc.is_server_live() and triton_rpc.is_server_ready()
+    assert triton_rpc.is_model_ready(MODEL) and not triton_rpc.is_model_ready("nope")
+    metadata = triton_rpc.get_model_metadata(MODEL, as_json=True)
+    assert metadata["inputs"] == [
+        {"name": "input", "datatype": "UINT8", "shape": ["-1", "3", "32", "32"]}
+    ]
+    assert "sequence" in triton_rpc.get_server_metadata(as_json=True)["extensions"]
+    with pytest.raises(InferenceServerException) as unknown:
+        triton_rpc.get_model_metadata("nope")
+    assert unknown.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_grpc_stateless_inference_matches_http(
+    triton: triton_http.InferenceServerClient, triton_rpc: triton_grpc.InferenceServerClient
+) -> None:
+    pixels = random_pixels(3, 81)
+    for parameters in ({}, {"adapter": "tbn"}):
+        outputs = ("probabilities", "label", "class_index")
+        over_http = infer(triton, pixels, outputs, parameters=parameters)
+        over_grpc = grpc_infer(triton_rpc, pixels, outputs, parameters=parameters)
+        for name in outputs:
+            np.testing.assert_array_equal(over_grpc.as_numpy(name), over_http.as_numpy(name))
+
+
+def test_grpc_sequence_adapts_like_a_v1_stream_and_ends(
+    client: httpx.Client, triton_rpc: triton_grpc.InferenceServerClient
+) -> None:
+    assert client.post("/v1/streams", json={"id": "grpc-seq-ref"}).status_code == 201
+    flags = [{"sequence_start": True}, {}, {"sequence_end": True}]
+    for seed, flag in zip((91, 92, 93), flags, strict=True):
+        pixels = random_pixels(2, seed)
+        result = grpc_infer(
+            triton_rpc, pixels, sequence_id="grpc-seq", compression_algorithm="gzip", **flag
+        )
+        expected = v1_probabilities(client, "grpc-seq-ref", pixels)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6)
+    assert result.get_response(as_json=True)["parameters"]["samples"]["int64_param"] == "6"
+    assert client.get("/v1/streams/grpc-seq").status_code == 404
+
+
+def test_grpc_errors_have_their_status_codes(
+    triton_rpc: triton_grpc.InferenceServerClient,
+) -> None:
+    unknown = triton_grpc.InferInput("foo", [1, 3, 32, 32], "UINT8")
+    unknown.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.uint8))
+    with pytest.raises(InferenceServerException) as refused:
+        triton_rpc.infer(MODEL, [unknown])
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert refused.value.message() == "unknown input 'foo': the model's only input is 'input'"
+    with pytest.raises(InferenceServerException) as missing:
+        grpc_infer(triton_rpc, random_pixels(1, 0), sequence_id=99)
+    assert missing.value.status() == "StatusCode.NOT_FOUND"

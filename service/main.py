@@ -5,7 +5,7 @@ store, restores the stored streams, and starts one batcher per model plus the pe
 (``durability=interval``) and TTL expiry; at shutdown it refuses new requests, drains every
 queue, and flushes every changed stream to the store. A state store that does not answer at
 start-up is retried in the background for ``store_connect_timeout_s`` while the server answers
-``/v2/health/live`` 200 and ``/v2/health/ready`` 503; readiness also follows the store later on.
+``/v2/health/live`` 200 and ``/v2/health/ready`` 400; readiness also follows the store later on.
 """
 
 from __future__ import annotations

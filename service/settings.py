@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description=(
             "at start-up, how long to retry a state store that does not answer (exponential "
-            "backoff, 0.1 s to 5 s) while /v2/health/live is 200 and /v2/health/ready 503; "
+            "backoff, 0.1 s to 5 s) while /v2/health/live is 200 and /v2/health/ready 400; "
             "then the server exits with status 1 (0: exit at once)"
         ),
     )

@@ -9,6 +9,7 @@ predictions are checked against the v1 API's for the same images and adapter.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -312,3 +313,41 @@ def test_grpc_errors_have_their_status_codes(
     with pytest.raises(InferenceServerException) as missing:
         grpc_infer(triton_rpc, random_pixels(1, 0), sequence_id=99)
     assert missing.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_many_concurrent_stateless_requests_all_succeed(
+    client: httpx.Client, server: Server
+) -> None:
+    """More stateless requests at once than a pool has slots (16 here): batched, none refused."""
+    pixels = random_pixels(1, 101)
+    body = {
+        "parameters": {"adapter": "tbn"},
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 3, 32, 32],
+                "datatype": "UINT8",
+                "data": nchw(pixels).ravel().tolist(),
+            }
+        ],
+        "outputs": [{"name": "class_index"}],
+    }
+
+    def post(_: int) -> int:
+        with server.client() as own:
+            return own.post(f"/v2/models/{MODEL}/infer", json=body).status_code
+
+    with ThreadPoolExecutor(40) as pool:
+        statuses = list(pool.map(post, range(40)))
+    assert statuses == [200] * 40
+    listed = client.get("/v1/streams", params={"limit": 1000}).json()["data"]
+    assert not any(stream["id"].startswith("~") for stream in listed)  # nothing was registered
+
+
+def test_metrics_and_large_responses_are_gzipped(client: httpx.Client) -> None:
+    plain = client.get("/metrics", headers={"accept-encoding": "identity"})
+    gzipped = client.get("/metrics", headers={"accept-encoding": "gzip"})
+    assert "content-encoding" not in plain.headers
+    assert gzipped.headers["content-encoding"] == "gzip"
+    assert int(gzipped.headers["content-length"]) < len(plain.content) / 3
+    assert gzipped.text.splitlines()[:3] == plain.text.splitlines()[:3]

@@ -26,6 +26,7 @@ from service.api.deps import AppState, registry_of
 from service.errors import InvalidInputError, ModelNotServedError, describe_validation, to_response
 from service.inference import (
     INPUT,
+    PLATFORM,
     VERSION,
     InferParameters,
     all_outputs,
@@ -33,6 +34,7 @@ from service.inference import (
     outputs_of,
     run_inference,
     target_of,
+    tensors,
     wanted_output,
 )
 from service.protocol import grpc_predict_v2_pb2 as pb
@@ -107,20 +109,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         async def metadata() -> Any:
             _check_version(request.version)
             runtime = registry_of(self.state).runtime(request.name)
-            height, width = runtime.spec.input_size
-            classes = runtime.spec.num_classes
+            listed = tensors(runtime)
             tensor = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
                 name=request.name,
                 versions=[VERSION],
-                platform="pytorch_tta",
-                inputs=[tensor(name=INPUT, datatype="UINT8", shape=[-1, 3, height, width])],
-                outputs=[
-                    tensor(name="logits", datatype="FP32", shape=[-1, classes]),
-                    tensor(name="probabilities", datatype="FP32", shape=[-1, classes]),
-                    tensor(name="class_index", datatype="INT64", shape=[-1]),
-                    tensor(name="label", datatype="BYTES", shape=[-1]),
-                ],
+                platform=PLATFORM,
+                inputs=[tensor(**t) for t in listed["inputs"]],
+                outputs=[tensor(**t) for t in listed["outputs"]],
             )
 
         return self._run(context, metadata)

@@ -55,6 +55,22 @@ OUTPUTS = ("logits", "probabilities", "class_index", "label")
 # Outputs that score every class, so that the classification extension can rank them.
 SCORES = ("logits", "probabilities")
 VERSION = "1"
+PLATFORM = "pytorch_tta"
+
+
+def tensors(runtime: ModelRuntime) -> dict[str, list[dict[str, Any]]]:
+    """The model's input and outputs as the metadata lists them (-1: any size)."""
+    height, width = runtime.spec.input_size
+    classes = runtime.spec.num_classes
+    return {
+        "inputs": [{"name": INPUT, "datatype": "UINT8", "shape": [-1, 3, height, width]}],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
+            {"name": "class_index", "datatype": "INT64", "shape": [-1]},
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+        ],
+    }
 
 
 class InferParameters(BaseModel):

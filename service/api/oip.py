@@ -46,6 +46,7 @@ from service.imaging import ImageBatch
 from service.inference import (
     DATATYPES,
     INPUT,
+    PLATFORM,
     VERSION,
     InferParameters,
     Output,
@@ -55,6 +56,7 @@ from service.inference import (
     outputs_of,
     run_inference,
     target_of,
+    tensors,
     wanted_output,
 )
 from service.metrics import Metrics
@@ -64,7 +66,6 @@ from service.schemas import EXAMPLE_STREAM_ID
 router = APIRouter(tags=["open inference protocol"])
 
 HEADER_LENGTH = "inference-header-content-length"
-PLATFORM = "pytorch_tta"
 
 
 class InferTensor(BaseModel):
@@ -147,7 +148,9 @@ class InferResponse(BaseModel):
     id: str | None = None
     model_name: str
     model_version: str
-    parameters: dict[str, Any] = Field(description="the stream and its adapted images")
+    parameters: dict[str, Any] = Field(
+        description="the stream and its adapted images, or the stateless request's adapter"
+    )
     outputs: list[InferOutput]
 
 
@@ -187,7 +190,9 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
-    parameters: dict[str, Any] = Field(description="labels, input datatypes, mean and std")
+    parameters: dict[str, Any] = Field(
+        description="labels, input datatypes, mean and std, the stateless and sequence adapters"
+    )
 
 
 class ModelReadiness(BaseModel):
@@ -312,20 +317,12 @@ async def all_model_stats(registry: RegistryDep, state: AppStateDep) -> dict[str
 async def model_metadata(model: str, registry: RegistryDep, state: AppStateDep) -> dict[str, Any]:
     """The model's inputs and outputs, and what a request without a stream runs with."""
     runtime = registry.runtime(model)
-    height, width = runtime.spec.input_size
-    classes = runtime.spec.num_classes
     settings = state.settings
     return {
         "name": model,
         "versions": [VERSION],
         "platform": PLATFORM,
-        "inputs": [{"name": INPUT, "datatype": "UINT8", "shape": [-1, 3, height, width]}],
-        "outputs": [
-            {"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
-            {"name": "class_index", "datatype": "INT64", "shape": [-1]},
-            {"name": "label", "datatype": "BYTES", "shape": [-1]},
-        ],
+        **tensors(runtime),
         "parameters": {
             "labels": list(runtime.spec.labels),
             # FP32 inputs are accepted too: already normalised with the model's mean/std.

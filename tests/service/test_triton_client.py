@@ -19,7 +19,15 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from tests.service.helpers import MODEL, Server, random_pixels, running_server, server_settings
+from tests.service.helpers import (
+    MODEL,
+    Server,
+    nchw,
+    random_pixels,
+    running_server,
+    server_settings,
+    v1_probabilities,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,27 +56,6 @@ def triton_rpc(server: Server) -> Iterator[triton_grpc.InferenceServerClient]:
     client = triton_grpc.InferenceServerClient(url=f"127.0.0.1:{port}")
     yield client
     client.close()
-
-
-def nchw(pixels: np.ndarray) -> np.ndarray:
-    """HWC images as the model's [N, 3, H, W] uint8 input."""
-    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
-
-
-def v1_probabilities(client: httpx.Client, stream_id: str, pixels: np.ndarray) -> np.ndarray:
-    """The probabilities the v1 API gives for ``pixels`` on ``stream_id`` (adapting it)."""
-    response = client.post(
-        f"/v1/streams/{stream_id}/predict",
-        content=nchw(pixels).tobytes(),
-        params={"shape": f"{len(pixels)},3,32,32", "top_k": 10},
-        headers={"content-type": "application/octet-stream"},
-    )
-    assert response.status_code == 200, response.text
-    out = np.zeros((len(pixels), 10), np.float32)
-    for row, prediction in enumerate(response.json()["predictions"]):
-        for score in prediction["top_k"]:
-            out[row, score["index"]] = score["probability"]
-    return out
 
 
 def infer(

@@ -338,3 +338,15 @@ def test_metrics_and_large_responses_are_gzipped(client: httpx.Client) -> None:
     assert gzipped.headers["content-encoding"] == "gzip"
     assert int(gzipped.headers["content-length"]) < len(plain.content) / 3
     assert gzipped.text.splitlines()[:3] == plain.text.splitlines()[:3]
+
+
+def test_grpc_names_a_v1_stream_with_its_metadata(
+    client: httpx.Client, triton_rpc: triton_grpc.InferenceServerClient
+) -> None:
+    for stream_id in ("grpc-header", "grpc-header-ref"):
+        client.post("/v1/streams", json={"id": stream_id, "adapter": "adabn"})
+    pixels = random_pixels(2, 111)
+    result = grpc_infer(triton_rpc, pixels, headers={"x-stream-id": "grpc-header"})
+    expected = v1_probabilities(client, "grpc-header-ref", pixels)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6)
+    assert client.get("/v1/streams/grpc-header").json()["samples"] == 2

@@ -11,6 +11,7 @@ from adapters.base import (
     InvalidStateError,
     StateMismatchError,
     UnknownAdapterError,
+    no_update,
 )
 
 ADAPTERS: dict[str, Adapter] = {
@@ -27,6 +28,11 @@ def get_adapter(name: str) -> Adapter:
         raise UnknownAdapterError(name, sorted(ADAPTERS)) from None
 
 
+def stateless_adapters() -> list[str]:
+    """The adapters whose streams never change: a request can use them without a stream."""
+    return sorted(name for name, adapter in ADAPTERS.items() if adapter.update is no_update)
+
+
 __all__ = [
     "ADAPTERS",
     "Adapter",
@@ -35,4 +41,5 @@ __all__ = [
     "StateMismatchError",
     "UnknownAdapterError",
     "get_adapter",
+    "stateless_adapters",
 ]

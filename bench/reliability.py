@@ -55,6 +55,8 @@ from bench.report import command_line, machine, table, write_section
 
 log = logging.getLogger(__name__)
 
+NOT_READY = 400  # /v2/health/ready's "false" (the Open Inference Protocol's 4xx)
+
 MODEL = "cifar10_resnet20"
 START_TIMEOUT_S = 120.0
 TITLE = "Reliability"
@@ -379,7 +381,7 @@ class OutageResult:
     """A Redis outage under load, with durability=sync."""
 
     phases: dict[str, Tally]  # before / during / after the outage
-    not_ready_after_s: float | None  # from the kill of Redis to the first 503 of /ready
+    not_ready_after_s: float | None  # from the kill of Redis to the first 400 of /ready
     ready_again_after_s: float | None  # from the restart of Redis to the first 200 of /ready
     acknowledged: int
     counts: dict[str, int]  # stream -> its sample count after its last 200 answer
@@ -479,7 +481,7 @@ async def _outage(
 
     return OutageResult(
         phases=phases,
-        not_ready_after_s=first(marks["killed"], 503),
+        not_ready_after_s=first(marks["killed"], NOT_READY),
         ready_again_after_s=first(marks["restarted"], 200),
         acknowledged=overall.statuses[200] * images,
         counts=overall.acknowledged,
@@ -505,8 +507,8 @@ def outage_section(result: OutageResult, settings: str) -> str:
             "",
             table(["phase", "predict answers by status", "5xx"], rows),
             "",
-            f"Readiness: `/v2/health/ready` answered 503 {not_ready} after Redis was killed, "
-            f"and 200 again {ready} after it was restarted. Acknowledged images: "
+            f"Readiness: `/v2/health/ready` answered {NOT_READY} {not_ready} after Redis was "
+            f"killed, and 200 again {ready} after it was restarted. Acknowledged images: "
             f"{result.acknowledged}; lost after the server, too, was killed and restarted: "
             f"{result.lost}. During the outage a prediction answers 503 `store_unavailable` "
             "(its state was not stored, so it is not acknowledged); the server recovers by "

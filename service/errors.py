@@ -257,17 +257,28 @@ HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 _KEPT_HEADERS = ("retry-after", "allow")
 
 
+def oip_status(status: int) -> int:
+    """The status of an error on an Open Inference Protocol route.
+
+    KServe and Triton answer 400 to every request they cannot use (a wrong shape, datatype,
+    value range, parameter or adapter config) where the v1 API says 422.
+    """
+    return 400 if status == 422 else status
+
+
 def for_route(request: Request, response: JSONResponse) -> JSONResponse:
     """The error shape the route's protocol expects.
 
     The Open Inference Protocol's error body is ``{"error": "<message>"}`` (a string, as KServe
-    and Triton clients parse it); the v1 API keeps ``{"error": {"code", "message"}}``.
+    and Triton clients parse it), with :func:`oip_status`; the v1 API keeps
+    ``{"error": {"code", "message"}}``.
     """
     if not request.url.path.startswith(OIP_PREFIX):
         return response
     message = json.loads(bytes(response.body))["error"]["message"]
     headers = {k: v for k, v in response.headers.items() if k.lower() in _KEPT_HEADERS}
-    return JSONResponse({"error": message}, status_code=response.status_code, headers=headers)
+    status = oip_status(response.status_code)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def allowed_methods(request: Request) -> str:

@@ -5,7 +5,7 @@ store, restores the stored streams, and starts one batcher per model plus the pe
 (``durability=interval``) and TTL expiry; at shutdown it refuses new requests, drains every
 queue, and flushes every changed stream to the store. A state store that does not answer at
 start-up is retried in the background for ``store_connect_timeout_s`` while the server answers
-``/v2/health/live`` 200 and ``/v2/health/ready`` 503; readiness also follows the store later on.
+``/v2/health/live`` 200 and ``/v2/health/ready`` 400; readiness also follows the store later on.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.middleware.gzip import GZipMiddleware
 
 from models import ModelError
 from service.api import catalog, oip, streams
@@ -26,9 +27,15 @@ from service.api import metrics as metrics_api
 from service.api.deps import AppState
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
+from service.grpc_server import start_grpc
 from service.health import StoreHealth
 from service.metrics import Metrics, TroubleThresholds
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware, ServedByMiddleware
+from service.middleware import (
+    BodyLimitMiddleware,
+    DecompressMiddleware,
+    MetricsMiddleware,
+    ServedByMiddleware,
+)
 from service.runtime import load_runtime, resolve_device
 from service.scheduler import Batcher
 from service.schemas import Base64Images
@@ -41,6 +48,8 @@ logger = logging.getLogger(__name__)
 EXPIRY_PERIOD_S = 1.0
 FIRST_RETRY_S = 0.1  # backoff of the store connection at start-up: 0.1 s, doubling, to 5 s
 MAX_RETRY_S = 5.0
+GRPC_STOP_GRACE_S = 5.0
+GZIP_MIN_BYTES = 1024  # smaller responses are sent as they are (Accept-Encoding: gzip or not)
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
@@ -64,9 +73,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     )
     app.state.tta = state
     install_error_handlers(app)
+    # The last added runs first: a compressed body is bounded as sent, then once inflated.
+    app.add_middleware(DecompressMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(ServedByMiddleware, replica_id=settings.replica_id)
+    app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)
     app.include_router(streams.router, prefix="/v1/streams")
     app.include_router(catalog.models_router, prefix="/v1/models")
     app.include_router(catalog.adapters_router, prefix="/v1/adapters")
@@ -105,10 +117,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         except BaseException:
             await _stop(state)
             raise
+    grpc_server = None
+    if state.settings.grpc_port is not None:
+        grpc_server = start_grpc(state, asyncio.get_running_loop())
     try:
         yield
     finally:
         state.shutting_down = True
+        if grpc_server is not None:  # its calls in flight finish on this loop meanwhile
+            await asyncio.to_thread(grpc_server.stop(GRPC_STOP_GRACE_S).wait)
         if waiting is not None:
             waiting.cancel()
             await asyncio.gather(waiting, return_exceptions=True)

@@ -45,6 +45,9 @@ class PredictRequest:
     source: bool = False
     top_k: int = 5
     drift: bool = True  # compute the stream's drift summary after the forward
+    # No stream: normalised by a scratch state of info's (stateless) adapter, opened for this
+    # forward and closed after it; info is not registered anywhere.
+    stateless: bool = False
     deadline: float = float("inf")  # event-loop time
     enqueued: float = 0.0
     future: asyncio.Future[PredictResult] = field(default_factory=lambda: _new_future())

@@ -21,6 +21,8 @@ from collections import deque
 import torch
 
 from adapters import InvalidStateError
+from adapters.pool import PoolFullError
+from engine.core import StreamHandle
 from service.errors import (
     CapacityError,
     DeadlineExceededError,
@@ -32,6 +34,7 @@ from service.errors import (
 from service.metrics import Metrics, StreamSignal
 from service.predictions import PredictRequest, PredictResult, TopK
 from service.runtime import ModelRuntime
+from service.streams import Resident
 
 logger = logging.getLogger(__name__)
 
@@ -232,16 +235,40 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
     pinned = frozenset(r.info.id for r in batch)
     outcomes: list[Outcome | None] = [None] * len(batch)
     ready = []
+    scratch: list[StreamHandle] = []  # the stateless requests' states, closed after the forward
     for index, request in enumerate(batch):
         try:
-            resident = slots.ensure(request.info, pinned)
+            if request.stateless:
+                handle = engine.open_stream(request.info.adapter, request.info.config, seed=0)
+                scratch.append(handle)
+                resident = Resident(request.info, handle)
+            else:
+                resident = slots.ensure(request.info, pinned)
         except CapacityError:
             outcomes[index] = DEFER
+            continue
+        except PoolFullError as error:  # scratch states free their slots after this forward
+            outcomes[index] = DEFER if scratch else CapacityError(str(error))
             continue
         except Exception as error:  # this stream cannot be loaded: fail it alone, not the batch
             outcomes[index] = error
             continue
         ready.append((index, request, resident))
+    try:
+        return _run_ready(runtime, ready, outcomes, sync)
+    finally:
+        for handle in scratch:
+            engine.close_stream(handle)
+
+
+def _run_ready(
+    runtime: ModelRuntime,
+    ready: list[tuple[int, PredictRequest, Resident]],
+    outcomes: list[Outcome | None],
+    sync: bool,
+) -> list[Outcome]:
+    """The forward of the requests whose streams hold a slot; fills in their outcomes."""
+    slots, engine = runtime.slots, runtime.engine
     if not ready:
         return [o if o is not None else DEFER for o in outcomes]
     # uint8 requests first, so their pixels cross to the device and are normalised in one piece.

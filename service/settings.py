@@ -22,7 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from adapters import get_adapter
+from adapters import get_adapter, stateless_adapters
 from models import ModelSpec
 from models.spec import IMAGENET_MEAN, IMAGENET_STD
 
@@ -118,7 +118,7 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description=(
             "at start-up, how long to retry a state store that does not answer (exponential "
-            "backoff, 0.1 s to 5 s) while /v2/health/live is 200 and /v2/health/ready 503; "
+            "backoff, 0.1 s to 5 s) while /v2/health/live is 200 and /v2/health/ready 400; "
             "then the server exits with status 1 (0: exit at once)"
         ),
     )
@@ -208,6 +208,24 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- Open Inference Protocol (README, "Protocols") ---
+    oip_stateless_adapter: str = Field(
+        default="source",
+        description="adapter of an OIP request that names no stream (a stateless adapter: "
+        "source, tbn or alpha_bn); a request may name another with parameters.adapter",
+    )
+    oip_sequence_end: Literal["delete", "keep"] = Field(
+        default="delete",
+        description="what sequence_end=true does to its stream after the request: delete it "
+        "(Triton: the sequence is over) or keep it for a later sequence or the v1 API",
+    )
+    grpc_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve the KServe v2 gRPC service on this port too, on `host` (None: off)",
+    )
+
     # --- metrics ---
     metrics_top_k: int = Field(
         default=10, ge=0, description="streams with per-stream gauges (top-K by severity)"
@@ -261,6 +279,17 @@ class Settings(BaseSettings):
         """An unknown default adapter or an invalid default config fails at start-up."""
         adapter = get_adapter(self.default_adapter)
         adapter.config.model_validate(self.default_adapter_config)
+        return self
+
+    @model_validator(mode="after")
+    def _stateless_adapter_is_stateless(self) -> Settings:
+        """The OIP stateless adapter must keep no state between requests."""
+        get_adapter(self.oip_stateless_adapter)
+        if self.oip_stateless_adapter not in stateless_adapters():
+            raise ValueError(
+                f"oip_stateless_adapter {self.oip_stateless_adapter!r} keeps a state; "
+                f"stateless adapters: {', '.join(stateless_adapters())}"
+            )
         return self
 
     @classmethod

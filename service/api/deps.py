@@ -34,6 +34,7 @@ class AppState:
     shutting_down: bool = False
     waiting_for_store: bool = False  # start-up found the store unreachable and retries it
     start_error: str | None = None  # why a start-up in the background failed
+    grpc_port: int | None = None  # the port the gRPC service listens on, once started
     # Asks the server to exit (a background start-up failed); set by the entry point.
     request_exit: Callable[[], None] | None = None
 
@@ -56,7 +57,11 @@ def get_settings(request: Request) -> Settings:
 
 def get_registry(request: Request) -> StreamRegistry[ModelRuntime]:
     """The stream registry, once the models are loaded; 503 before and while shutting down."""
-    state = get_app_state(request)
+    return registry_of(get_app_state(request))
+
+
+def registry_of(state: AppState) -> StreamRegistry[ModelRuntime]:
+    """The app's stream registry; UnavailableError (503) before it is ready and at shutdown."""
     if state.shutting_down:
         raise UnavailableError("the server is shutting down")
     if state.start_error is not None:

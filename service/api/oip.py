@@ -1,53 +1,71 @@
-"""The Open Inference Protocol (KServe v2) subset: health, model metadata, inference.
+"""The Open Inference Protocol (KServe v2) over REST, with the Triton extensions clients use.
 
-A stream is named by ``parameters.stream_id`` in the request (or the ``X-Stream-Id`` header).
-The input is one tensor ``[N, 3, H, W]``: ``UINT8`` pixels (normalised by the server) or ``FP32``
-already normalised. Tensors come as JSON ``data`` or, with the binary-data extension, as raw
-little-endian bytes after the JSON header (``Inference-Header-Content-Length``), each input
-saying its size in ``parameters.binary_data_size``. Outputs: ``logits`` and ``probabilities``
-(FP32 ``[N, C]``), ``class_index`` (INT64 ``[N]``) and ``label`` (BYTES ``[N]``), each returned
-as JSON or, when asked (``parameters.binary_data`` on the output, or ``binary_data_output`` on
-the request), as binary data.
+Inference (``service.inference`` says how a request names its stream, Triton's sequence
+semantics, and what runs without a stream): the input is one tensor ``input`` ``[N, 3, H, W]``,
+``UINT8`` pixels (normalised by the server) or ``FP32`` already normalised, as JSON ``data`` or,
+with the binary-data extension, as raw little-endian bytes after the JSON header
+(``Inference-Header-Content-Length``), its size in ``parameters.binary_data_size``. Outputs:
+``logits`` and ``probabilities`` (FP32 ``[N, C]``), ``class_index`` (INT64 ``[N]``) and ``label``
+(BYTES ``[N]``), as JSON or binary data (``parameters.binary_data`` on an output, or
+``binary_data_output`` on the request); ``parameters.classification: k`` on a score output gives
+its k best classes (Triton's classification extension). Invalid requests answer 400.
+
+Also: health (200, or 400 without a body), server and model metadata, model ``config`` and
+``stats`` (Triton's statistics extension, from the metrics), and ``POST /v2/repository/index``
+(the served models, read-only). Request bodies may be gzip or deflate compressed, responses are
+gzip compressed when asked (middleware in ``service.main``).
 """
 
 from __future__ import annotations
 
 import json
-import struct
 import time
 from typing import Annotated, Any
 
 import pydantic
-import torch
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters import InvalidStateError
-from service.api.deps import AppStateDep, RegistryDep
+from adapters import InvalidStateError, UnknownAdapterError, stateless_adapters
+from service.api.deps import AppState, AppStateDep, RegistryDep
 from service.api.openapi import LOADED_STREAM_ERRORS, REGISTRY_ERRORS, ref, v2_errors
-from service.api.streams import run_prediction
 from service.errors import (
     DeadlineExceededError,
     ForwardError,
+    InvalidConfigError,
     InvalidInputError,
     InvalidTensorError,
     ModelNotServedError,
     PayloadTooLargeError,
     QueueFullError,
+    StreamExistsError,
+    UnsupportedMediaTypeError,
     describe_validation,
 )
-from service.imaging import ImageBatch, decode_tensor, tensor_from_list
+from service.imaging import ImageBatch
+from service.inference import (
+    DATATYPES,
+    INPUT,
+    PLATFORM,
+    VERSION,
+    InferParameters,
+    Output,
+    WantedOutput,
+    all_outputs,
+    input_batch,
+    outputs_of,
+    run_inference,
+    target_of,
+    tensors,
+    wanted_output,
+)
+from service.metrics import Metrics
 from service.runtime import ModelRuntime
 from service.schemas import EXAMPLE_STREAM_ID
-from service.settings import Settings
 
 router = APIRouter(tags=["open inference protocol"])
 
 HEADER_LENGTH = "inference-header-content-length"
-DATATYPES = {"UINT8": "uint8", "FP32": "float32"}
-OUTPUTS = ("logits", "probabilities", "class_index", "label")
-VERSION = "1"
 
 
 class InferTensor(BaseModel):
@@ -92,7 +110,7 @@ class InferRequest(BaseModel):
     )
 
     id: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: InferParameters = Field(default_factory=lambda: InferParameters())
     inputs: list[InferTensor]
     outputs: list[RequestedOutput] | None = None
 
@@ -130,7 +148,9 @@ class InferResponse(BaseModel):
     id: str | None = None
     model_name: str
     model_version: str
-    parameters: dict[str, Any] = Field(description="the stream and its adapted images")
+    parameters: dict[str, Any] = Field(
+        description="the stream and its adapted images, or the stateless request's adapter"
+    )
     outputs: list[InferOutput]
 
 
@@ -170,7 +190,9 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
-    parameters: dict[str, Any] = Field(description="labels, input datatypes, mean and std")
+    parameters: dict[str, Any] = Field(
+        description="labels, input datatypes, mean and std, the stateless and sequence adapters"
+    )
 
 
 class ModelReadiness(BaseModel):
@@ -180,29 +202,44 @@ class ModelReadiness(BaseModel):
     ready: bool
 
 
+class RepositoryModel(BaseModel):
+    """A model of the repository index: every served model is loaded and ready."""
+
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
 StreamIdHeader = Annotated[
     str | None,
-    Header(description="the stream, when the request's parameters.stream_id does not name it"),
+    Header(description="the stream, when the request's parameters name none"),
 ]
 MODEL_ERRORS = (*REGISTRY_ERRORS, ModelNotServedError)
 INFER_ERRORS = (
     *MODEL_ERRORS,
     *LOADED_STREAM_ERRORS,
+    StreamExistsError,
     InvalidStateError,
+    UnknownAdapterError,
+    InvalidConfigError,
     PayloadTooLargeError,
+    UnsupportedMediaTypeError,
     InvalidInputError,
     InvalidTensorError,
     QueueFullError,
     DeadlineExceededError,
     ForwardError,
 )
+NOT_HEALTHY = {"description": "false: no body (the protocol's health answer)", "content": {}}
 _INFER_DOC: dict[str, Any] = {
     "openapi_extra": {
         "requestBody": {
             "required": True,
             "description": (
                 "JSON, or with the binary tensor extension: the JSON header "
-                "(Inference-Header-Content-Length bytes) followed by the raw input tensor."
+                "(Inference-Header-Content-Length bytes) followed by the raw input tensor. "
+                "Content-Encoding gzip or deflate is accepted."
             ),
             "content": {
                 "application/json": {"schema": ref(InferRequest)},
@@ -227,74 +264,135 @@ _INFER_DOC: dict[str, Any] = {
 @router.get("/v2")
 async def server_metadata() -> ServerMetadata:
     """Server metadata: name, version and the protocol extensions supported."""
-    return ServerMetadata(name="tta-serve", version="0.1.0", extensions=["binary_tensor_data"])
+    return ServerMetadata(
+        name="tta-serve",
+        version="0.1.0",
+        extensions=[
+            "binary_tensor_data",
+            "classification",
+            "sequence",
+            "statistics",
+            "model_repository",
+        ],
+    )
 
 
-@router.get(
-    "/v2/health/live",
-    response_model=Liveness,
-    responses={503: {"model": Liveness, "description": "the start-up failed; the process exits"}},
-)
-async def live(state: AppStateDep) -> JSONResponse:
-    """200 while the process is up, also while it starts; 503 once its start-up has failed."""
-    is_live = state.start_error is None
-    return JSONResponse({"live": is_live}, status_code=200 if is_live else 503)
+@router.get("/v2/health/live", response_model=Liveness, responses={400: NOT_HEALTHY})
+async def live(state: AppStateDep) -> Response:
+    """200 while the process is up, also while it starts; 400 once its start-up has failed."""
+    if state.start_error is not None:
+        return Response(status_code=400)
+    return Response(Liveness(live=True).model_dump_json(), media_type="application/json")
 
 
-@router.get(
-    "/v2/health/ready",
-    response_model=Readiness,
-    responses={
-        503: {
-            "model": Readiness,
-            "description": "starting, waiting for the state store, or shutting down",
-        }
-    },
-)
-async def ready(state: AppStateDep) -> JSONResponse:
+@router.get("/v2/health/ready", response_model=Readiness, responses={400: NOT_HEALTHY})
+async def ready(state: AppStateDep) -> Response:
     """200 once every model is loaded and streams are restored, while the state store answers
-    (a ping at most once a second); 503 before, while the store is unreachable, and at shutdown.
+    (a ping at most once a second); 400 before, while the store is unreachable, and at shutdown.
     """
     is_ready = state.serving
     if is_ready and state.store_health is not None:
         is_ready = await state.store_health.reachable()
-    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+    if not is_ready:
+        return Response(status_code=400)
+    return Response(Readiness(ready=True).model_dump_json(), media_type="application/json")
+
+
+@router.post("/v2/repository/index", responses=v2_errors(*REGISTRY_ERRORS))
+async def repository_index(registry: RegistryDep) -> list[RepositoryModel]:
+    """The served models (read-only: models are chosen by the settings, not loaded by request)."""
+    return [
+        RepositoryModel(name=name, version=VERSION, state="READY", reason="")
+        for name in registry.runtimes
+    ]
+
+
+@router.get("/v2/models/stats", responses=v2_errors(*REGISTRY_ERRORS))
+async def all_model_stats(registry: RegistryDep, state: AppStateDep) -> dict[str, Any]:
+    """Every served model's statistics (see ``/v2/models/{model}/stats``)."""
+    return {"model_stats": [model_statistics(state.metrics, name) for name in registry.runtimes]}
 
 
 @router.get("/v2/models/{model}", response_model=ModelMetadata, responses=v2_errors(*MODEL_ERRORS))
-async def model_metadata(model: str, registry: RegistryDep) -> dict[str, Any]:
-    """The model's inputs and outputs."""
+async def model_metadata(model: str, registry: RegistryDep, state: AppStateDep) -> dict[str, Any]:
+    """The model's inputs and outputs, and what a request without a stream runs with."""
     runtime = registry.runtime(model)
-    height, width = runtime.spec.input_size
-    classes = runtime.spec.num_classes
+    settings = state.settings
     return {
         "name": model,
         "versions": [VERSION],
-        "platform": "pytorch_tta",
-        "inputs": [{"name": "input", "datatype": "UINT8", "shape": [-1, 3, height, width]}],
-        "outputs": [
-            {"name": "logits", "datatype": "FP32", "shape": [-1, classes]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
-            {"name": "class_index", "datatype": "INT64", "shape": [-1]},
-            {"name": "label", "datatype": "BYTES", "shape": [-1]},
-        ],
+        "platform": PLATFORM,
+        **tensors(runtime),
         "parameters": {
             "labels": list(runtime.spec.labels),
             # FP32 inputs are accepted too: already normalised with the model's mean/std.
             "input_datatypes": list(DATATYPES),
             "mean": list(runtime.spec.mean),
             "std": list(runtime.spec.std),
+            # A request that names no stream (sequence_id, stream_id) runs with this adapter,
+            # or with parameters.adapter among stateless_adapters; nothing is kept.
+            "stateless_adapter": settings.oip_stateless_adapter,
+            "stateless_adapters": stateless_adapters(),
+            # A sequence started with sequence_start gets this adapter (a new stream).
+            "sequence_adapter": settings.default_adapter,
+            "sequence_end": settings.oip_sequence_end,
         },
     }
 
 
-@router.get(
-    "/v2/models/{model}/ready", response_model=ModelReadiness, responses=v2_errors(*MODEL_ERRORS)
-)
-async def model_ready(model: str, registry: RegistryDep) -> dict[str, Any]:
-    """Whether the model is ready (it is, once served and the server is ready)."""
+@router.get("/v2/models/{model}/ready", responses={400: NOT_HEALTHY})
+async def model_ready(model: str, state: AppStateDep) -> Response:
+    """200 when the model is served and the server is ready; 400 (no body) otherwise."""
+    if not state.serving or model not in state.runtimes:
+        return Response(status_code=400)
+    body = ModelReadiness(name=model, ready=True).model_dump_json()
+    return Response(body, media_type="application/json")
+
+
+@router.get("/v2/models/{model}/config", responses=v2_errors(*MODEL_ERRORS))
+async def model_config(model: str, registry: RegistryDep, state: AppStateDep) -> dict[str, Any]:
+    """The model's configuration in Triton's model-config shape (read-only)."""
+    runtime = registry.runtime(model)
+    height, width = runtime.spec.input_size
+    classes = runtime.spec.num_classes
+    settings = state.settings
+    scalar = {"dims": [1], "reshape": {"shape": []}}
+    return {
+        "name": model,
+        "platform": PLATFORM,
+        "backend": "tta-serve",
+        "max_batch_size": settings.max_images_per_request,
+        "input": [
+            {"name": INPUT, "data_type": "TYPE_UINT8", "format": "FORMAT_NCHW",
+             "dims": [3, height, width]}
+        ],
+        "output": [
+            {"name": "logits", "data_type": "TYPE_FP32", "dims": [classes]},
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [classes]},
+            {"name": "class_index", "data_type": "TYPE_INT64", **scalar},
+            {"name": "label", "data_type": "TYPE_STRING", **scalar},
+        ],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_delay_ms * 1000)},
+        "parameters": {
+            "stateless_adapter": {"string_value": settings.oip_stateless_adapter},
+            "sequence_adapter": {"string_value": settings.default_adapter},
+            "sequence_end": {"string_value": settings.oip_sequence_end},
+        },
+    }  # fmt: skip
+
+
+@router.get("/v2/models/{model}/stats", responses=v2_errors(*MODEL_ERRORS))
+async def model_stats(model: str, registry: RegistryDep, state: AppStateDep) -> dict[str, Any]:
+    """The model's inference statistics (Triton's statistics extension), read from the metrics.
+
+    Counts are requests unless named otherwise: ``inference_count`` counts images and
+    ``execution_count`` engine forwards; ``queue``, ``compute_input`` (decoding) and
+    ``compute_infer`` (the forward, per forward) sum their stage's time; ``success`` counts the
+    requests that ran with their queue, decode and forward time, ``fail`` the failed forwards.
+    Every protocol's requests count, v1 included.
+    """
     registry.runtime(model)
-    return {"name": model, "ready": True}
+    return {"model_stats": [model_statistics(state.metrics, model)]}
 
 
 @router.post("/v2/models/{model}/infer", **_INFER_DOC)
@@ -305,42 +403,23 @@ async def infer(
     state: AppStateDep,
     x_stream_id: StreamIdHeader = None,
 ) -> Response:
-    """Predict (and adapt) a stream's batch; the body is an OIP v2 inference request."""
+    """Predict a batch: statelessly, or with a stream (adapting it); an OIP v2 request body."""
     runtime = registry.runtime(model)
     started = time.perf_counter()
     body = await request.body()
     infer_request, binary = _parse(body, request.headers.get(HEADER_LENGTH))
-    stream_id = infer_request.parameters.get("stream_id") or x_stream_id
-    if not isinstance(stream_id, str) or not stream_id:
-        raise InvalidInputError(
-            "no stream id: set parameters.stream_id in the request or the X-Stream-Id header"
-        )
-    entry = await registry.find(stream_id)
-    if entry.info.model != model:
-        raise InvalidInputError(
-            f"stream {stream_id!r} belongs to model {entry.info.model!r}, not {model!r}"
-        )
-    adapt = infer_request.parameters.get("adapt", True)
-    if not isinstance(adapt, bool):
-        raise InvalidInputError("parameters.adapt must be true or false")
-    # Every check comes before the prediction: a refused request must not adapt the stream.
-    wanted = _wanted_outputs(infer_request)
-    images = _input_batch(infer_request, binary, runtime, state.settings)
+    parameters = infer_request.parameters
+    target = target_of(parameters, x_stream_id, state.settings.oip_stateless_adapter)
+    # Every check comes before the inference: a refused request must not touch the stream.
+    wanted = [
+        wanted_output(o.name, o.parameters, parameters.binary_data_output)
+        for o in infer_request.outputs or []
+    ] or all_outputs(parameters.binary_data_output)
+    images = _input_batch(infer_request, binary, runtime, state)
     state.metrics.stage_latency.labels(model, "decode").observe(time.perf_counter() - started)
-    result = await run_prediction(
-        registry, entry, images, state.settings, adapt=adapt, top_k=1, drift=False
-    )
-    outputs = _outputs(result.logits, runtime)
-    return _respond(infer_request, wanted, model, stream_id, result.samples, outputs)
-
-
-def _wanted_outputs(request: InferRequest) -> list[RequestedOutput]:
-    """The outputs the request asks for (all by default); InvalidInputError for unknown ones."""
-    wanted = request.outputs or [RequestedOutput(name=name) for name in OUTPUTS]
-    for output in wanted:
-        if output.name not in OUTPUTS:
-            raise InvalidInputError(f"unknown output {output.name!r}; valid: {', '.join(OUTPUTS)}")
-    return wanted
+    result = await run_inference(state, registry, model, target, images)
+    outputs = outputs_of(result.logits, runtime, wanted)
+    return _respond(infer_request.id, model, result.parameters, wanted, outputs)
 
 
 def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
@@ -363,87 +442,59 @@ def _parse(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]
 
 
 def _input_batch(
-    request: InferRequest, binary: bytes, runtime: ModelRuntime, settings: Settings
+    request: InferRequest, binary: bytes, runtime: ModelRuntime, state: AppState
 ) -> ImageBatch:
-    """The single input tensor as the model's batch."""
-    max_images, margin = settings.max_images_per_request, settings.input_range_margin
+    """The single input tensor as the model's batch, from JSON data or the binary part."""
     if len(request.inputs) != 1:
         raise InvalidInputError(
-            f"expected exactly one input tensor [N, 3, H, W], got {len(request.inputs)}"
+            f"expected exactly one input tensor {INPUT!r} [N, 3, H, W], got {len(request.inputs)}"
         )
     tensor = request.inputs[0]
-    dtype = DATATYPES.get(tensor.datatype.upper())
-    if dtype is None:
-        raise InvalidTensorError(
-            f"unsupported datatype {tensor.datatype!r}: expected {' or '.join(DATATYPES)}"
-        )
     size = tensor.parameters.get("binary_data_size")
-    if size is not None:
-        if tensor.data is not None:
-            raise InvalidInputError("an input has both data and binary_data_size")
-        if not isinstance(size, int) or size < 0 or size != len(binary):
-            raise InvalidInputError(
-                f"binary_data_size {size!r} does not match the {len(binary)} bytes of binary data"
-            )
-        return decode_tensor(
-            binary, tensor.shape, dtype, runtime.spec, max_images=max_images, margin=margin
+    if size is None:
+        if binary:
+            raise InvalidInputError("binary data follows the JSON header but no input claims it")
+        return input_batch(
+            tensor.name, tensor.datatype, tensor.shape, runtime, state, data=tensor.data
         )
-    if binary:
-        raise InvalidInputError("binary data follows the JSON header but no input claims it")
-    if tensor.data is None:
-        raise InvalidInputError(f"input {tensor.name!r} has neither data nor binary_data_size")
-    return tensor_from_list(
-        tensor.data, tensor.shape, dtype, runtime.spec, max_images=max_images, margin=margin
-    )
-
-
-Outputs = dict[str, tuple[str, torch.Tensor | list[str]]]
-
-
-def _outputs(logits: torch.Tensor, runtime: ModelRuntime) -> Outputs:
-    """Every output by name: (datatype, values)."""
-    probabilities = logits.softmax(1)
-    classes = probabilities.argmax(1)
-    labels = [runtime.spec.labels[i] for i in classes.tolist()]
-    return {
-        "logits": ("FP32", logits),
-        "probabilities": ("FP32", probabilities),
-        "class_index": ("INT64", classes),
-        "label": ("BYTES", labels),
-    }
+    if tensor.data is not None:
+        raise InvalidInputError("an input has both data and binary_data_size")
+    if type(size) is not int or size != len(binary):
+        raise InvalidInputError(
+            f"binary_data_size {size!r} does not match the {len(binary)} bytes of binary data"
+        )
+    return input_batch(tensor.name, tensor.datatype, tensor.shape, runtime, state, raw=binary)
 
 
 def _respond(
-    request: InferRequest,
-    wanted: list[RequestedOutput],
+    request_id: str | None,
     model: str,
-    stream_id: str,
-    samples: int,
-    outputs: Outputs,
+    parameters: dict[str, Any],
+    wanted: list[WantedOutput],
+    outputs: list[Output],
 ) -> Response:
     """The OIP response, JSON or JSON + binary outputs."""
-    binary_default = bool(request.parameters.get("binary_data_output", False))
     body: dict[str, Any] = {
         "model_name": model,
         "model_version": VERSION,
-        "parameters": {"stream_id": stream_id, "samples": samples},
+        "parameters": parameters,
         "outputs": [],
     }
-    if request.id is not None:
-        body["id"] = request.id
+    if request_id is not None:
+        body["id"] = request_id
     chunks: list[bytes] = []
-    for output in wanted:
-        datatype, values = outputs[output.name]
-        shape = list(values.shape) if isinstance(values, torch.Tensor) else [len(values)]
-        entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": shape}
-        if output.parameters.get("binary_data", binary_default):
-            data = _binary(datatype, values)
+    for want, output in zip(wanted, outputs, strict=True):
+        entry: dict[str, Any] = {
+            "name": output.name,
+            "datatype": output.datatype,
+            "shape": output.shape,
+        }
+        if want.binary:
+            data = output.raw()
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            entry["data"] = (
-                values.flatten().tolist() if isinstance(values, torch.Tensor) else values
-            )
+            entry["data"] = output.flat()
         body["outputs"].append(entry)
     header = json.dumps(body).encode()
     if not chunks:
@@ -455,12 +506,43 @@ def _respond(
     )
 
 
-def _binary(datatype: str, values: torch.Tensor | list[str]) -> bytes:
-    """An output's raw little-endian bytes (BYTES: 4-byte length + UTF-8, per element)."""
-    if isinstance(values, list):
-        return b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in values)
-    dtype = torch.float32 if datatype == "FP32" else torch.int64
-    return values.to(dtype).contiguous().numpy().tobytes()
+def model_statistics(metrics: Metrics, model: str) -> dict[str, Any]:
+    """A model's statistics in Triton's shape, from the app's metrics (see ``model_stats``)."""
+
+    def total(name: str, **labels: str) -> float:
+        return sum(
+            sample.value
+            for family in metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+    def stage(name: str) -> dict[str, int]:
+        labels = {"model": model, "stage": name}
+        count = total("tta_stage_duration_seconds_count", **labels)
+        seconds = total("tta_stage_duration_seconds_sum", **labels)
+        return {"count": int(count), "ns": int(seconds * 1e9)}
+
+    queue, decode, forward = stage("queue"), stage("decode"), stage("forward")
+    return {
+        "name": model,
+        "version": VERSION,
+        "last_inference": 0,
+        "inference_count": int(total("tta_images_total", model=model)),
+        "execution_count": forward["count"],
+        "inference_stats": {
+            "success": {
+                "count": queue["count"],
+                "ns": queue["ns"] + decode["ns"] + forward["ns"],
+            },
+            "fail": {"count": int(total("tta_forward_errors_total", model=model)), "ns": 0},
+            "queue": queue,
+            "compute_input": decode,
+            "compute_infer": forward,
+            "compute_output": {"count": 0, "ns": 0},
+        },
+        "batch_stats": [],
+    }
 
 
 # The same endpoints under the model version ("1", the only one), as versioned clients call them.
@@ -476,21 +558,38 @@ def _check_version(version: str) -> None:
     response_model=ModelMetadata,
     responses=v2_errors(*MODEL_ERRORS),
 )
-async def model_version_metadata(model: str, version: str, registry: RegistryDep) -> dict[str, Any]:
+async def model_version_metadata(
+    model: str, version: str, registry: RegistryDep, state: AppStateDep
+) -> dict[str, Any]:
     """The model's metadata, for its version."""
     _check_version(version)
-    return await model_metadata(model, registry)
+    return await model_metadata(model, registry, state)
 
 
-@router.get(
-    "/v2/models/{model}/versions/{version}/ready",
-    response_model=ModelReadiness,
-    responses=v2_errors(*MODEL_ERRORS),
-)
-async def model_version_ready(model: str, version: str, registry: RegistryDep) -> dict[str, Any]:
-    """Whether the model version is ready."""
+@router.get("/v2/models/{model}/versions/{version}/ready", responses={400: NOT_HEALTHY})
+async def model_version_ready(model: str, version: str, state: AppStateDep) -> Response:
+    """Whether the model version is ready (200), or not or unknown (400, no body)."""
+    if version != VERSION:
+        return Response(status_code=400)
+    return await model_ready(model, state)
+
+
+@router.get("/v2/models/{model}/versions/{version}/config", responses=v2_errors(*MODEL_ERRORS))
+async def model_version_config(
+    model: str, version: str, registry: RegistryDep, state: AppStateDep
+) -> dict[str, Any]:
+    """The model's configuration, for its version."""
     _check_version(version)
-    return await model_ready(model, registry)
+    return await model_config(model, registry, state)
+
+
+@router.get("/v2/models/{model}/versions/{version}/stats", responses=v2_errors(*MODEL_ERRORS))
+async def model_version_stats(
+    model: str, version: str, registry: RegistryDep, state: AppStateDep
+) -> dict[str, Any]:
+    """The model's statistics, for its version."""
+    _check_version(version)
+    return await model_stats(model, registry, state)
 
 
 @router.post("/v2/models/{model}/versions/{version}/infer", **_INFER_DOC)

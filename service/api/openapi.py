@@ -28,6 +28,7 @@ from service.errors import (
     UnavailableError,
     UnusableStateError,
     classify,
+    oip_status,
 )
 from service.schemas import ErrorPublic, OipError
 
@@ -70,6 +71,8 @@ def error_responses(
     codes: dict[int, dict[str, str]] = {}
     for kind in errors:
         status, code = classify(kind)
+        if body is OipError:
+            status = oip_status(status)
         codes.setdefault(status, {}).setdefault(code, _summary(kind))
     responses: dict[int | str, dict[str, Any]] = {}
     for status, described in sorted(codes.items()):

@@ -149,6 +149,27 @@ def reference_engine(cache_dir: Path, **kwargs: Any) -> Engine:
     )
 
 
+def nchw(pixels: np.ndarray) -> np.ndarray:
+    """HWC images as the model's [N, 3, H, W] uint8 input."""
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+
+
+def v1_probabilities(client: httpx.Client, stream_id: str, pixels: np.ndarray) -> np.ndarray:
+    """The probabilities the v1 API gives for HWC ``pixels`` on ``stream_id`` (adapting it)."""
+    response = client.post(
+        f"/v1/streams/{stream_id}/predict",
+        content=nchw(pixels).tobytes(),
+        params={"shape": f"{len(pixels)},3,32,32", "top_k": 10},
+        headers={"content-type": "application/octet-stream"},
+    )
+    assert response.status_code == 200, response.text
+    out = np.zeros((len(pixels), 10), np.float32)
+    for row, prediction in enumerate(response.json()["predictions"]):
+        for score in prediction["top_k"]:
+            out[row, score["index"]] = score["probability"]
+    return out
+
+
 def normalized(pixels: np.ndarray) -> torch.Tensor:
     """HWC uint8 images as the model's normalised float batch."""
     from models import get_spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -471,11 +472,12 @@ CASES: list[Case] = [
         "the state body is empty",
     ),
     (
-        "OIP without stream id",
+        "OIP without a stream, with an adapter that keeps a state",
         "POST",
         "/v2/models/cifar10_resnet20/infer",
         {
             "json": {
+                "parameters": {"adapter": "adabn"},
                 "inputs": [
                     {
                         "name": "input",
@@ -483,12 +485,70 @@ CASES: list[Case] = [
                         "datatype": "UINT8",
                         "data": [0] * 3072,
                     }
-                ]
+                ],
             }
         },
         400,
         "invalid_input",
-        "no stream id: set parameters.stream_id in the request or the X-Stream-Id header",
+        "adapter 'adabn' keeps a state, so it needs a stream (sequence_id or stream_id); "
+        "without one: alpha_bn, source, tbn",
+    ),
+    (
+        "OIP unknown input",
+        "POST",
+        "/v2/models/cifar10_resnet20/infer",
+        {
+            "json": {
+                "parameters": {"stream_id": "cam-a"},
+                "inputs": [
+                    {
+                        "name": "foo",
+                        "shape": [1, 3, 32, 32],
+                        "datatype": "UINT8",
+                        "data": [0] * 3072,
+                    }
+                ],
+            }
+        },
+        400,
+        "invalid_input",
+        "unknown input 'foo': the model's only input is 'input'",
+    ),
+    (
+        "OIP gzip bomb",
+        "POST",
+        "/v2/models/cifar10_resnet20/infer",
+        {
+            "content": gzip.compress(b"{" + b" " * (MAX_BODY + 1) + b"}"),
+            "headers": {"content-type": "application/json", "content-encoding": "gzip"},
+        },
+        413,
+        "payload_too_large",
+        f"the request body inflates to more than the limit of {MAX_BODY} bytes",
+    ),
+    (
+        "corrupt gzip body",
+        "POST",
+        "/v1/streams",
+        {
+            "content": b"\x1f\x8bnot gzip",
+            "headers": {"content-type": "application/json", "content-encoding": "gzip"},
+        },
+        400,
+        "invalid_input",
+        "the gzip request body is corrupt",
+    ),
+    (
+        "unsupported content encoding",
+        "POST",
+        "/v2/models/cifar10_resnet20/infer",
+        {
+            "content": b"{}",
+            "headers": {"content-type": "application/json", "content-encoding": "br"},
+        },
+        415,
+        "unsupported_media_type",
+        "content encoding 'br' is not supported; use gzip or deflate",
     ),
     (
         "OIP wrong datatype",
@@ -507,8 +567,8 @@ CASES: list[Case] = [
                 ],
             }
         },
-        422,
-        "invalid_tensor",
+        400,
+        "invalid_input",
         "unsupported datatype 'FP64': expected UINT8 or FP32",
     ),
     (
@@ -528,7 +588,7 @@ CASES: list[Case] = [
                 ],
             }
         },
-        422,
+        400,  # the protocol's status for every invalid request (422 in v1)
         "invalid_tensor",
         "uint8 tensor data must be integers in 0..255",
     ),
@@ -552,7 +612,7 @@ CASES: list[Case] = [
             ),
             "headers": {"content-type": "application/json"},
         },
-        422,
+        400,  # the protocol's status for every invalid request (422 in v1)
         "invalid_tensor",
         "tensor holds NaN or infinite values",
     ),

@@ -19,6 +19,7 @@ from tests.service.helpers import (
     random_pixels,
     running_server,
     server_settings,
+    v1_probabilities,
 )
 
 INFER = f"/v2/models/{MODEL}/infer"
@@ -42,20 +43,6 @@ def twins(client: httpx.Client, name: str) -> tuple[str, str]:
     for suffix in ("v1", "v2"):
         client.post("/v1/streams", json={"id": f"{name}-{suffix}", "adapter": "adabn"})
     return f"{name}-v1", f"{name}-v2"
-
-
-def v1_probabilities(client: httpx.Client, stream_id: str, pixels: np.ndarray) -> np.ndarray:
-    response = client.post(
-        f"/v1/streams/{stream_id}/predict",
-        content=np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)).tobytes(),
-        params={"shape": f"{len(pixels)},3,32,32", "top_k": 10},
-        headers={"content-type": "application/octet-stream"},
-    )
-    out = np.zeros((len(pixels), 10), np.float32)
-    for row, prediction in enumerate(response.json()["predictions"]):
-        for score in prediction["top_k"]:
-            out[row, score["index"]] = score["probability"]
-    return out
 
 
 def test_health_and_metadata(client: httpx.Client) -> None:
@@ -114,7 +101,7 @@ def test_infer_fp32_with_header_stream_id(client: httpx.Client) -> None:
     body = {
         "inputs": [
             {
-                "name": "INPUT__0",
+                "name": "input",
                 "shape": [1, 3, 32, 32],
                 "datatype": "FP32",
                 "data": normalized(pixels).flatten().tolist(),

@@ -121,7 +121,7 @@ def test_the_engine_refuses_a_poisoned_stream_alone(tmp_path: Path, model_cache:
             ],
         }
         response = client.post(f"/v2/models/{MODEL}/infer", json=body)
-        assert response.status_code == 422, response.text
+        assert response.status_code == 400, response.text  # the protocol's invalid request
         assert response.json()["error"].startswith("refused, the stream's state is unchanged")
         assert state_of(client, "victim") == before
         assert client.get("/v1/streams/victim").json()["samples"] == 4

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import uvicorn
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from models import ModelError
 from service.api import catalog, oip, streams
@@ -59,7 +60,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     """
     state = AppState(settings=settings, metrics=metrics or Metrics())
     state.metrics.ready.set_function(lambda: float(is_ready(state)))
-    app = FastAPI(
+    # Swagger UI and ReDoc from the assets fastapi-offline ships: /docs works without internet.
+    app = FastAPIOffline(
         title="tta-serve",
         summary="Test-time adaptation of BatchNorm statistics, per client stream",
         version="0.1.0",

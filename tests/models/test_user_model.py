@@ -15,6 +15,7 @@ from models import (
     ModelSpec,
     check_batchnorm,
     create_model,
+    load_torchvision_model,
     load_user_model,
 )
 from tests.models import toy_models
@@ -104,3 +105,21 @@ def test_torchvision_model_from_local_weights(
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     for key, tensor in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], tensor), key
+
+
+def test_torchvision_architecture_with_own_classes(tmp_path: Path) -> None:
+    """A torchvision architecture by name with a user's head (3 classes) and weights file."""
+    source = torchvision.models.mobilenet_v3_small(num_classes=3)
+    weights = _save_random(source, tmp_path / "mine.safetensors")
+    spec = ModelSpec("mine", "mobilenet_v3_small", (32, 32), SPEC.mean, SPEC.std, ("a", "b", "c"))
+    model = load_torchvision_model("mobilenet_v3_small", weights, spec)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(x), source.eval()(x))
+    with pytest.raises(IncompatibleModelError, match="weights do not fit model mine"):
+        load_torchvision_model("resnet18", weights, spec)
+    with pytest.raises(ModelError, match="unknown torchvision architecture 'resnet2000'"):
+        load_torchvision_model("resnet2000", weights, spec)
+    with pytest.raises(IncompatibleModelError, match="model mine has no BatchNorm2d layer"):
+        load_torchvision_model("vit_b_16", weights, spec)

@@ -119,8 +119,8 @@ def serve(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Serve the models over HTTP (one uvicorn worker); exit 1 if the start-up fails."""
-    from service.main import serve as run  # torch and the app load only to serve
+    """Serve the models over HTTP (one uvicorn worker); exit non-zero if the start-up fails."""
+    from service.main import serve as run  # the app and uvicorn load only to serve
 
     settings = load_settings(
         config,

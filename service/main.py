@@ -30,7 +30,7 @@ from service.api.deps import AppState
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.health import StoreHealth
-from service.logs import REQUEST_ID, AccessLogMiddleware, configure_logging, is_plain_id
+from service.logs import REQUEST_ID, configure_logging, is_plain_id
 from service.metrics import Metrics, TroubleThresholds
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware, ServedByMiddleware
 from service.runtime import load_runtime, resolve_device
@@ -72,7 +72,6 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(ServedByMiddleware, replica_id=settings.replica_id)
-    app.add_middleware(AccessLogMiddleware)
     # outermost: every answer carries the request id, the 413 of the body limit too
     app.add_middleware(CorrelationIdMiddleware, header_name=REQUEST_ID, validator=is_plain_id)
     app.include_router(streams.router, prefix="/v1/streams")
@@ -311,7 +310,7 @@ def serve(settings: Settings) -> None:
         workers=1,
         log_level=settings.log_level,
         log_config=None,
-        access_log=False,  # service.logs.AccessLogMiddleware writes it, with the request id
+        access_log=False,  # service.middleware.MetricsMiddleware writes it, with the request id
     )
     server = uvicorn.Server(config)
     state: AppState = app.state.tta

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.models
-from safetensors.torch import save_file
 from torch import nn
 
 from models import (
@@ -24,15 +23,7 @@ TOY = "tests.models.toy_models"
 SPEC = ModelSpec("toy", "user", (8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ("no", "yes"))
 
 
-def _save_random(model: nn.Module, path: Path) -> Path:
-    """Randomise every tensor of `model` (BN statistics included) and save it as safetensors."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.rand_like(tensor) + 0.5)
-    save_file(model.state_dict(), path)
-    return path
+_save_random = toy_models.save_random
 
 
 def test_user_model_round_trip(tmp_path: Path) -> None:

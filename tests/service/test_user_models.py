@@ -6,9 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 import torchvision.models
-from safetensors.torch import save_file
 from torch import nn
 
 from service.settings import Settings
@@ -19,14 +17,8 @@ TOY = "tests.models.toy_models"
 
 
 def save(model: nn.Module, path: Path) -> str:
-    """Random weights (BN statistics included) of ``model`` as safetensors; the path."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.rand_like(tensor) + 0.5)
-    save_file(model.state_dict(), path)
-    return str(path)
+    """Random weights of ``model`` as safetensors; the path."""
+    return str(toy_models.save_random(model, path))
 
 
 def entry(name: str, builder: str, weights: str, labels: str, size: int) -> str:

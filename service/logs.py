@@ -14,6 +14,7 @@ import re
 from typing import Literal
 
 from asgi_correlation_id import CorrelationIdFilter
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID = "X-Request-Id"
@@ -40,6 +41,8 @@ def configure_logging(level: str, log_format: Literal["text", "json"]) -> None:
         handler.setFormatter(
             JsonFormatter(
                 "%(asctime)s %(levelname)s %(name)s %(message)s %(correlation_id)s",
+                # uvicorn's ANSI-coloured copy of its message is no field for a log shipper
+                reserved_attrs=[*RESERVED_ATTRS, "color_message"],
                 rename_fields={
                     "asctime": "time",
                     "levelname": "level",

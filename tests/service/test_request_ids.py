@@ -89,7 +89,7 @@ def test_json_log_lines_carry_the_request_id() -> None:
         configure_logging("info", "json")
         root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
         logging.getLogger("service.access").info(
-            "GET / 200", extra={"method": "GET", "status": 200}
+            "GET / 200", extra={"method": "GET", "status": 200, "color_message": "\x1b[36m"}
         )
     finally:
         root.handlers[:], _ = saved
@@ -98,3 +98,4 @@ def test_json_log_lines_carry_the_request_id() -> None:
     assert line["message"] == "GET / 200" and line["level"] == "INFO"
     assert line["logger"] == "service.access" and line["request_id"] == "-"
     assert (line["method"], line["status"]) == ("GET", 200)
+    assert "color_message" not in line  # uvicorn's coloured copy of its messages

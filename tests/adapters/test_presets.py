@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from adapters import ADAPTERS
@@ -41,3 +44,12 @@ def test_unknown_preset_lists_the_valid_ones() -> None:
     assert str(info.value) == (
         "adapter 'adabn' has no preset 'fast'; valid: continual, paper, recommended"
     )
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_preset_figures_are_those_of_docs_accuracy(name: str) -> None:
+    """Each error figure of a preset is written in docs/accuracy.md (made by bench.accuracy)."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "accuracy.md").read_text()
+    for preset in PRESETS[name].values():
+        for figure in re.findall(r"\b\d+\.\d\b", preset.accuracy):
+            assert re.search(rf"(?<![\d.]){re.escape(figure)}(?![\d])", doc), (name, figure)

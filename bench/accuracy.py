@@ -360,6 +360,7 @@ def run_protocol_server(
                 body = {
                     "model": model,
                     "adapter": v.adapter,
+                    "preset": "paper",  # the variant's config over the paper's defaults
                     "config": stream_config(v, protocol.seeds[s]),
                 }
                 response = client.post("/v1/streams", json=body)

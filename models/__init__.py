@@ -22,6 +22,7 @@ from models.registry import (
     create_model,
     get_spec,
     list_models,
+    load_torchvision_model,
     load_user_model,
 )
 from models.spec import ModelSpec
@@ -40,6 +41,7 @@ __all__ = [
     "fetch_weights",
     "get_spec",
     "list_models",
+    "load_torchvision_model",
     "load_user_model",
     "normalize",
     "pil_to_uint8",

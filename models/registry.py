@@ -186,9 +186,37 @@ def load_user_model(factory: str, weights: Path, spec: ModelSpec) -> nn.Module:
         raise ModelError(f"model factory {factory!r} failed: {err!r}") from err
     if not isinstance(model, nn.Module):
         raise ModelError(f"model factory {factory!r} returned {type(model).__name__}, not a Module")
-    check_batchnorm(model, spec.name)
     if weights.suffix != ".safetensors":
         raise ModelError(f"user model weights must be a .safetensors file, got {weights}")
+    return _with_weights(model, weights, spec)
+
+
+def load_torchvision_model(architecture: str, weights: Path, spec: ModelSpec) -> nn.Module:
+    """Build torchvision's ``architecture`` with ``spec.num_classes`` outputs and a weights file.
+
+    The weights are a `.safetensors` file or a `torch.save` state dict (read with
+    weights_only=True, which runs no code), e.g. a fine-tuned ResNet-50 with 5 classes.
+
+    Raises:
+        ModelError: an architecture torchvision does not have.
+        IncompatibleModelError: no BatchNorm2d, mismatching weights, or a wrong output size.
+
+    Example:
+        >>> model = load_torchvision_model("resnet18", Path("r18.safetensors"), spec)
+        ... # doctest: +SKIP
+    """
+    if architecture not in torchvision.models.list_models(torchvision.models):
+        raise ModelError(
+            f"unknown torchvision architecture {architecture!r} for model {spec.name}; "
+            "see torchvision.models.list_models()"
+        )
+    model = torchvision.models.get_model(architecture, weights=None, num_classes=spec.num_classes)
+    return _with_weights(model, weights, spec)
+
+
+def _with_weights(model: nn.Module, weights: Path, spec: ModelSpec) -> nn.Module:
+    """Check BatchNorm2d, load ``weights`` strictly, freeze, and check one forward's output."""
+    check_batchnorm(model, spec.name)
     _load_strict(model, read_state_dict(weights), spec.name)
     model = _frozen(model)
     try:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import pydantic
+from asgi_correlation_id import correlation_id
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,6 +28,7 @@ from starlette.routing import Match
 
 from adapters import InvalidStateError, StateMismatchError, UnknownAdapterError
 from adapters.pool import PoolFullError, StateMemoryError
+from adapters.presets import UnknownPresetError
 from models import ModelError, UnknownModelError
 from service.stores import StoreConflictError, StoreError
 
@@ -184,6 +186,7 @@ class StreamConflictError(ServiceError):
 DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
     (UnknownModelError, 404, "model_not_found"),
     (UnknownAdapterError, 422, "unknown_adapter"),
+    (UnknownPresetError, 422, "unknown_preset"),
     (InvalidStateError, 422, "invalid_state"),
     (StateMismatchError, 422, "state_mismatch"),
     (StateMemoryError, 507, "state_memory_exhausted"),
@@ -323,4 +326,13 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http)
     for kind in (ServiceError, pydantic.ValidationError, *(k for k, _, _ in DOMAIN_ERRORS)):
         app.add_exception_handler(kind, on_service_error)
-    app.add_exception_handler(Exception, on_service_error)
+
+    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+        # Starlette answers these outside every middleware: echo the request id here.
+        response = for_route(request, to_response(error))
+        request_id = correlation_id.get()
+        if request_id is not None:
+            response.headers["X-Request-Id"] = request_id
+        return response
+
+    app.add_exception_handler(Exception, on_unexpected)

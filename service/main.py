@@ -14,11 +14,14 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
+from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.middleware.gzip import GZipMiddleware
 
 from models import ModelError
@@ -29,6 +32,7 @@ from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.grpc_server import start_grpc
 from service.health import StoreHealth
+from service.logs import REQUEST_ID, configure_logging, is_plain_id
 from service.metrics import Metrics, TroubleThresholds
 from service.middleware import (
     BodyLimitMiddleware,
@@ -39,7 +43,7 @@ from service.middleware import (
 from service.runtime import load_runtime, resolve_device
 from service.scheduler import Batcher
 from service.schemas import Base64Images
-from service.settings import OnnxModel, Settings
+from service.settings import OnnxModel, Settings, UserModel, unknown_variables
 from service.stores import StateStore, StoreError, create_store
 from service.streams import StoreWriter, StreamRegistry
 
@@ -65,7 +69,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     """
     state = AppState(settings=settings, metrics=metrics or Metrics())
     state.metrics.ready.set_function(lambda: float(is_ready(state)))
-    app = FastAPI(
+    # Swagger UI and ReDoc from the assets fastapi-offline ships: /docs works without internet.
+    app = FastAPIOffline(
         title="tta-serve",
         summary="Test-time adaptation of BatchNorm statistics, per client stream",
         version="0.1.0",
@@ -79,6 +84,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(ServedByMiddleware, replica_id=settings.replica_id)
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)
+    # outermost: every answer carries the request id, the 413 of the body limit too
+    app.add_middleware(CorrelationIdMiddleware, header_name=REQUEST_ID, validator=is_plain_id)
     app.include_router(streams.router, prefix="/v1/streams")
     app.include_router(catalog.models_router, prefix="/v1/models")
     app.include_router(catalog.adapters_router, prefix="/v1/adapters")
@@ -114,8 +121,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     else:
         try:
             await _start(state, store)
-        except BaseException:
+        except BaseException as error:
             await _stop(state)
+            if isinstance(error, ModelError):  # the reason is in the message: no traceback
+                state.start_error = str(error)
+                logger.error("cannot start: %s", error)
             raise
     grpc_server = None
     if state.settings.grpc_port is not None:
@@ -184,7 +194,11 @@ async def _start(state: AppState, store: StateStore) -> None:
     metrics.store_up.set(1)  # it answered (each store operation updates it from now on)
     state.writer = writer = StoreWriter(store, metrics)
     device = resolve_device(settings.device)
-    served: list[str | OnnxModel] = [*settings.models, *settings.onnx_models]
+    served: list[str | OnnxModel | UserModel] = [
+        *settings.models,
+        *settings.onnx_models,
+        *settings.user_models,
+    ]
     for name in served:
         try:
             runtime = await asyncio.to_thread(
@@ -205,7 +219,7 @@ async def _start(state: AppState, store: StateStore) -> None:
         except ModelError as error:
             if isinstance(name, str):
                 raise  # a registered model that does not load is a broken installation
-            # A user's ONNX file: refused with its reason, the other models are served.
+            # A user's ONNX file or model: refused with its reason, the other models are served.
             logger.error("model %s refused: %s", name.name, error)
             continue
         state.runtimes[runtime.name] = runtime
@@ -294,24 +308,18 @@ async def _every(period_s: float, job: Callable[[], Awaitable[object]]) -> None:
             logger.exception("periodic %s failed", getattr(job, "__name__", job))
 
 
-def main() -> None:
-    """``tta-serve``: serve ``create_app(Settings())`` with uvicorn, one worker.
+def serve(settings: Settings) -> None:
+    """Serve ``create_app(settings)`` with uvicorn, one worker (``tta-serve serve``).
 
-    Exits with status 1 when the start-up fails, also one that failed in the background (a
-    state store that never answered).
-
-    ``tta-serve export-onnx MODEL FILE`` writes a registered model to ONNX instead.
+    Warns about ``TTA_`` variables that no setting reads (a typo leaves a default in force).
+    Exits non-zero when the start-up fails: 3 (uvicorn's) when the lifespan fails, 1 when it
+    failed in the background (a state store that never answered). A model that cannot be loaded
+    (weights neither cached nor downloadable) is one line in the log, not a traceback.
     """
-    if sys.argv[1:2] == ["export-onnx"]:
-        from models.export_onnx import main as export_onnx  # torch.onnx only when asked
-
-        export_onnx(sys.argv[2:])
-        return
-    settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
+    for name, nearest in unknown_variables(os.environ):
+        hint = f"; did you mean {nearest}?" if nearest else ""
+        logger.warning("%s is not a setting and is ignored%s", name, hint)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -320,13 +328,33 @@ def main() -> None:
         workers=1,
         log_level=settings.log_level,
         log_config=None,
+        access_log=False,  # service.middleware.MetricsMiddleware writes it, with the request id
     )
     server = uvicorn.Server(config)
     state: AppState = app.state.tta
     state.request_exit = functools.partial(setattr, server, "should_exit", True)
+    logging.getLogger("uvicorn.error").addFilter(_KnownStartupError(state))
     server.run()
     if not server.started or state.start_error is not None:
         sys.exit(1)
+
+
+class _KnownStartupError(logging.Filter):
+    """Drop uvicorn's traceback of a start-up failure the lifespan already logged in one line."""
+
+    def __init__(self, state: AppState) -> None:
+        super().__init__()
+        self.state = state
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep every record but the traceback text of a known start-up error."""
+        known = self.state.start_error is not None
+        return not (known and str(record.msg).startswith("Traceback (most recent call last)"))
+
+
+def main() -> None:
+    """Serve with the settings of the environment (``tta-serve`` without flags does this)."""
+    serve(Settings())
 
 
 if __name__ == "__main__":

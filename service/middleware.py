@@ -1,7 +1,9 @@
-"""ASGI middleware: the request-body limit, compressed request bodies, request metrics."""
+"""ASGI middleware: the request-body limit, compressed request bodies, request metrics by route
+template, the access log."""
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import zlib
@@ -15,6 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response, for_route
 from service.metrics import Metrics
+
+# uvicorn's own access log is off (service.main.serve): this one carries the request id.
+access_logger = logging.getLogger("service.access")
 
 
 class BodyLimitMiddleware:
@@ -125,7 +130,8 @@ class DecompressMiddleware:
 
 
 class MetricsMiddleware:
-    """Count requests and time them by route template (never by raw path), method and status.
+    """Count requests and time them by route template (never by raw path), method and status;
+    write the access log, one INFO line per request with its request id (``service.logs``).
 
     Requests in flight are counted by the template of the route that will serve them, matched
     before the app runs against the app's OpenAPI paths (the router sets the scope's route only
@@ -166,10 +172,17 @@ class MetricsMiddleware:
         finally:
             in_flight.dec()
             template = route_template(scope)
-            method = scope.get("method", "")
+            method, path = scope.get("method", ""), scope.get("path", "")
+            duration = time.perf_counter() - started
             self.metrics.requests.labels(template, method, str(status)).inc()
-            self.metrics.request_latency.labels(template, method).observe(
-                time.perf_counter() - started
+            self.metrics.request_latency.labels(template, method).observe(duration)
+            access_logger.info(
+                "%s %s %d %.1f ms",
+                method,
+                path,
+                status,
+                duration * 1000,
+                extra={"method": method, "path": path, "status": status, "duration_s": duration},
             )
 
 

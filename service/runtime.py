@@ -19,10 +19,17 @@ import torch
 
 from engine.core import Engine
 from engine.network import Network
-from models import IncompatibleModelError, ModelSpec, Normalizer, create_model
+from models import (
+    IncompatibleModelError,
+    ModelSpec,
+    Normalizer,
+    create_model,
+    load_torchvision_model,
+    load_user_model,
+)
 from service.metrics import Metrics
 from service.predictions import PredictRequest, PredictResult
-from service.settings import OnnxModel
+from service.settings import OnnxModel, UserModel
 from service.streams import StoreWriter, StreamSlots
 
 logger = logging.getLogger(__name__)
@@ -103,7 +110,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_runtime(
-    name: str | OnnxModel,
+    name: str | OnnxModel | UserModel,
     *,
     cache_dir: Path,
     device: torch.device,
@@ -119,11 +126,13 @@ def load_runtime(
 ) -> ModelRuntime:
     """Build a model and its engine (blocking: call it in a thread).
 
-    ``name``: a registered model, or an ONNX file's entry of the settings.
+    ``name``: a registered model, or an ONNX file's or a user model's entry of the settings.
     """
     network: Network | torch.nn.Module
     if isinstance(name, OnnxModel):
         network, spec = load_onnx_model(name, device)
+    elif isinstance(name, UserModel):
+        network, spec = load_own_model(name)
     else:
         network, spec = create_model(name, cache_dir=cache_dir.expanduser())
     autocast = None
@@ -153,6 +162,27 @@ def load_runtime(
     metrics.add_model(spec.name)
     logger.info("loaded model %s on %s (%s)", spec.name, device, spec.backend)
     return ModelRuntime(engine, spec, writer, max_streams, metrics)
+
+
+def load_own_model(entry: UserModel) -> tuple[torch.nn.Module, ModelSpec]:
+    """A user's PyTorch classifier of the settings and its spec; ModelError with the reason."""
+    try:
+        spec = ModelSpec(
+            name=entry.name,
+            architecture=entry.architecture or entry.factory or "",
+            input_size=entry.input_size,
+            mean=entry.mean,
+            std=entry.std,
+            labels=tuple(entry.labels),
+            resize=entry.resize,
+        )
+    except ValueError as error:
+        raise IncompatibleModelError(str(error)) from None
+    weights = entry.weights.expanduser()
+    if entry.factory is not None:
+        return load_user_model(entry.factory, weights, spec), spec
+    # the settings require one of factory and architecture
+    return load_torchvision_model(entry.architecture or "", weights, spec), spec
 
 
 def load_onnx_model(entry: OnnxModel, device: torch.device) -> tuple[Network, ModelSpec]:

@@ -8,8 +8,10 @@ win over both. Nothing reads settings globally: ``create_app(settings)`` passes 
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +49,38 @@ class OnnxModel(BaseModel):
     resize: int | None = Field(default=None, description="shorter side resized to before the crop")
 
 
+class UserModel(BaseModel):
+    """A user's own PyTorch classifier to serve (README, Your own model).
+
+    Built by ``factory`` (``"package.module:function"``, called without arguments) or as the
+    torchvision ``architecture`` with ``len(labels)`` outputs; then ``weights`` are loaded
+    strictly (every tensor, no extra one). A factory's weights must be safetensors: a user's
+    pickle could run code.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="the model's served name")
+    factory: str | None = Field(
+        default=None, description="'package.module:function' that builds the network"
+    )
+    architecture: str | None = Field(
+        default=None, description="a torchvision classifier name (resnet50, ...) instead"
+    )
+    weights: Path = Field(description="state-dict file: .safetensors (or .pth for torchvision)")
+    labels: list[str] = Field(min_length=1, description="class names in output order")
+    input_size: tuple[int, int] = Field(description="(height, width) of the network input")
+    mean: tuple[float, float, float] = Field(default=IMAGENET_MEAN, description="RGB mean, [0, 1]")
+    std: tuple[float, float, float] = Field(default=IMAGENET_STD, description="RGB std, [0, 1]")
+    resize: int | None = Field(default=None, description="shorter side resized to before the crop")
+
+    @model_validator(mode="after")
+    def _one_builder(self) -> UserModel:
+        if (self.factory is None) == (self.architecture is None):
+            raise ValueError(f"user model {self.name}: set exactly one of factory, architecture")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the server can be configured with (env prefix ``TTA_``).
 
@@ -67,6 +101,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="log level of the tta-serve entry point"
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text lines, or one JSON object per line (with request_id) for log shippers",
+    )
 
     # --- models ---
     models: list[str] = Field(
@@ -75,6 +113,10 @@ class Settings(BaseSettings):
     onnx_models: list[OnnxModel] = Field(
         default_factory=list,
         description="ONNX classifiers served beside `models` (CUDA execution provider on cuda)",
+    )
+    user_models: list[UserModel] = Field(
+        default_factory=list,
+        description="your own PyTorch classifiers (factory or torchvision architecture + weights)",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="cpu", description="where models and states live; auto: cuda if available"
@@ -253,6 +295,10 @@ class Settings(BaseSettings):
         description="images in the observer window before a stream can be in trouble",
     )
 
+    def file_model_names(self) -> list[str]:
+        """The names of the ONNX and user models, in the order they are served."""
+        return [m.name for m in self.onnx_models] + [m.name for m in self.user_models]
+
     def pixel_limit(self, spec: ModelSpec) -> int:
         """The largest image (width x height) accepted for the model of ``spec``."""
         own = self.model_max_image_pixels.get(spec.name, spec.pixel_limit)
@@ -267,11 +313,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> Settings:
-        names = self.models + [model.name for model in self.onnx_models]
+        names = [*self.models, *self.file_model_names()]
         if not names:
-            raise ValueError("no model to serve: set models or onnx_models")
+            raise ValueError("no model to serve: set models, onnx_models or user_models")
         if len(set(names)) != len(names):
-            raise ValueError("model names (models and onnx_models) must not repeat")
+            raise ValueError("model names (models, onnx_models, user_models) must not repeat")
         return self
 
     @model_validator(mode="after")
@@ -315,3 +361,40 @@ class Settings(BaseSettings):
             else:
                 raise ValueError(f"{CONFIG_FILE_ENV} must name a .toml or .json file: {path}")
         return tuple(sources)
+
+
+# TTA_ variables that are not settings but are read by the project's scripts and deploy files.
+OTHER_VARIABLES = frozenset(
+    {
+        CONFIG_FILE_ENV,
+        "TTA_SHARED_DIR",  # scripts/env.sh: where the offline weights are seeded from
+        "TTA_CIFAR10_DIR",  # bench: the CIFAR-10 test set
+        "TTA_GATEWAY_LISTEN",  # deploy/nginx: the gateway's template
+        "TTA_GATEWAY_PREFIX",
+        "TTA_UPSTREAM_SERVERS",
+    }
+)
+
+
+def known_variables() -> list[str]:
+    """Every ``TTA_`` variable the project reads: one per setting, and ``OTHER_VARIABLES``."""
+    return sorted({f"TTA_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """The ``TTA_`` variables of ``environ`` that nothing reads, each with the nearest known name.
+
+    pydantic-settings ignores them, so a typo (``TTA_MAX_BATCHSIZE``) would silently leave the
+    default in force; the entry point warns about each, and ``tta-serve check-config`` fails.
+
+    Example:
+        >>> unknown_variables({"TTA_MAX_BATCHSIZE": "64", "TTA_PORT": "1"})
+        [('TTA_MAX_BATCHSIZE', 'TTA_MAX_BATCH_SIZE')]
+    """
+    known = known_variables()
+    unknown = sorted(name for name in environ if name.upper().startswith("TTA_"))
+    return [
+        (name, next(iter(difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.6)), None))
+        for name in unknown
+        if name.upper() not in known
+    ]

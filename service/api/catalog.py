@@ -7,8 +7,15 @@ import inspect
 from fastapi import APIRouter
 
 from adapters import ADAPTERS, Adapter
+from adapters.presets import PRESETS
 from service.api.deps import AppStateDep
-from service.schemas import AdapterPublic, AdaptersPublic, ModelPublic, ModelsPublic
+from service.schemas import (
+    AdapterPublic,
+    AdaptersPublic,
+    ModelPublic,
+    ModelsPublic,
+    PresetPublic,
+)
 
 models_router = APIRouter(tags=["models"])
 adapters_router = APIRouter(tags=["adapters"])
@@ -41,13 +48,22 @@ async def list_served_models(state: AppStateDep) -> ModelsPublic:
 
 @adapters_router.get("")
 async def list_adapters() -> AdaptersPublic:
-    """The registered adapters, each with its config's JSON schema."""
+    """The registered adapters: each config's JSON schema, and the presets (recommended first)."""
     return AdaptersPublic(
         data=[
             AdapterPublic(
                 name=name,
                 description=_summary(adapter),
                 config_schema=adapter.config.model_json_schema(),
+                presets=[
+                    PresetPublic(
+                        name=preset_name,
+                        config=adapter.config.model_validate(preset.config).model_dump(mode="json"),
+                        accuracy=preset.accuracy,
+                        use_when=preset.use_when,
+                    )
+                    for preset_name, preset in PRESETS.get(name, {}).items()
+                ],
             )
             for name, adapter in sorted(ADAPTERS.items())
         ]

@@ -16,8 +16,9 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from adapters import InvalidStateError, StateMismatchError, UnknownAdapterError
+from adapters import InvalidStateError, StateMismatchError, UnknownAdapterError, get_adapter
 from adapters.pool import StateMemoryError
+from adapters.presets import UnknownPresetError, preset_config
 from models import ModelSpec
 from service.api.deps import AppStateDep, RegistryDep, SettingsDep
 from service.api.openapi import (
@@ -149,6 +150,7 @@ def stream_public(entry: StreamEntry) -> StreamPublic:
         StreamExistsError,
         ModelNotServedError,
         UnknownAdapterError,
+        UnknownPresetError,
         InvalidConfigError,
         CapacityError,
         StateMemoryError,
@@ -164,6 +166,8 @@ async def create_stream(
     if adapter is None:
         adapter = settings.default_adapter
         config = settings.default_adapter_config if config is None else config
+    # Naming an adapter gives its recommended preset unless the request names another one.
+    config = preset_config(get_adapter(adapter).name, body.preset, config)
     entry = await registry.create(body.id, model, adapter, config, body.ttl_seconds)
     return stream_public(entry)
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.models
-from safetensors.torch import save_file
 from torch import nn
 
 from models import (
@@ -15,6 +14,7 @@ from models import (
     ModelSpec,
     check_batchnorm,
     create_model,
+    load_torchvision_model,
     load_user_model,
 )
 from tests.models import toy_models
@@ -23,15 +23,7 @@ TOY = "tests.models.toy_models"
 SPEC = ModelSpec("toy", "user", (8, 8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ("no", "yes"))
 
 
-def _save_random(model: nn.Module, path: Path) -> Path:
-    """Randomise every tensor of `model` (BN statistics included) and save it as safetensors."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.rand_like(tensor) + 0.5)
-    save_file(model.state_dict(), path)
-    return path
+_save_random = toy_models.save_random
 
 
 def test_user_model_round_trip(tmp_path: Path) -> None:
@@ -104,3 +96,21 @@ def test_torchvision_model_from_local_weights(
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     for key, tensor in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], tensor), key
+
+
+def test_torchvision_architecture_with_own_classes(tmp_path: Path) -> None:
+    """A torchvision architecture by name with a user's head (3 classes) and weights file."""
+    source = torchvision.models.mobilenet_v3_small(num_classes=3)
+    weights = _save_random(source, tmp_path / "mine.safetensors")
+    spec = ModelSpec("mine", "mobilenet_v3_small", (32, 32), SPEC.mean, SPEC.std, ("a", "b", "c"))
+    model = load_torchvision_model("mobilenet_v3_small", weights, spec)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(model(x), source.eval()(x))
+    with pytest.raises(IncompatibleModelError, match="weights do not fit model mine"):
+        load_torchvision_model("resnet18", weights, spec)
+    with pytest.raises(ModelError, match="unknown torchvision architecture 'resnet2000'"):
+        load_torchvision_model("resnet2000", weights, spec)
+    with pytest.raises(IncompatibleModelError, match="model mine has no BatchNorm2d layer"):
+        load_torchvision_model("vit_b_16", weights, spec)

@@ -1,6 +1,21 @@
 """Tiny model factories that the user-model tests load by their "module:function" path."""
 
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
 from torch import nn
+
+
+def save_random(model: nn.Module, path: Path) -> Path:
+    """Randomise every tensor of `model` (BN statistics included) and save it as safetensors."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+    save_file(model.state_dict(), path)
+    return path
 
 
 def tiny_bn_net() -> nn.Module:

@@ -9,6 +9,7 @@ import pytest
 
 from adapters import ADAPTERS, InvalidStateError, StateMismatchError, UnknownAdapterError
 from adapters.pool import PoolFullError, StateMemoryError
+from adapters.presets import UnknownPresetError
 from models import ModelError, UnknownModelError
 from service import errors
 from service.stores import StoreError
@@ -32,6 +33,7 @@ CASES = [
     (errors.UnusableStateError("bad"), 409, "state_unusable"),
     (UnknownModelError("x", ["a"]), 404, "model_not_found"),
     (UnknownAdapterError("x", ["a"]), 422, "unknown_adapter"),
+    (UnknownPresetError("adabn", "x", ["paper"]), 422, "unknown_preset"),
     (InvalidStateError("bad"), 422, "invalid_state"),
     (StateMismatchError("bad"), 422, "state_mismatch"),
     (StateMemoryError("bad"), 507, "state_memory_exhausted"),

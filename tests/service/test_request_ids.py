@@ -51,7 +51,7 @@ def access_log() -> Iterator[list[logging.LogRecord]]:
         ("GET", "/v2/health/live", 200),
         ("GET", "/v1/models", 200),
         ("GET", "/v1/streams/nobody", 404),
-        ("GET", "/v2/models/nothing/ready", 404),
+        ("GET", "/v2/models/nothing/ready", 400),
         ("DELETE", "/v1/models", 405),
         ("GET", "/metrics", 200),
         ("GET", "/docs", 200),

@@ -2,7 +2,7 @@
 
 A request names its stream in one of three ways, the first found wins: ``sequence_id`` (Triton's
 sequence extension, a number or a string), ``stream_id`` (a parameter), or the ``X-Stream-Id``
-header (REST only). Triton's sequence semantics apply to it:
+header (gRPC: ``x-stream-id`` metadata). Triton's sequence semantics apply to it:
 
 - ``sequence_start=true`` starts the sequence: the stream is created (this model, the server's
   default adapter) if it does not exist, and reset to its initial state if it does (Triton ends

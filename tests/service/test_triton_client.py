@@ -350,3 +350,26 @@ def test_grpc_names_a_v1_stream_with_its_metadata(
     expected = v1_probabilities(client, "grpc-header-ref", pixels)
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6)
     assert client.get("/v1/streams/grpc-header").json()["samples"] == 2
+
+
+def test_the_protocol_settings(tmp_path: Path, model_cache: Path) -> None:
+    """oip_sequence_end=keep keeps an ended sequence; oip_stateless_adapter replaces source."""
+    settings = server_settings(
+        tmp_path, model_cache, oip_sequence_end="keep", oip_stateless_adapter="tbn"
+    )
+    pixels = random_pixels(3, 121)
+    with running_server(settings) as running, running.client() as client:
+        triton = triton_http.InferenceServerClient(url=running.url.removeprefix("http://"))
+        metadata = triton.get_model_metadata(MODEL)["parameters"]
+        assert (metadata["stateless_adapter"], metadata["sequence_end"]) == ("tbn", "keep")
+        client.post("/v1/streams", json={"id": "tbn-ref", "adapter": "tbn"})
+        stateless = infer(triton, pixels)
+        assert stateless.get_response()["parameters"] == {"adapter": "tbn", "stateless": True}
+        expected = v1_probabilities(client, "tbn-ref", pixels)
+        np.testing.assert_allclose(
+            stateless.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6
+        )
+        infer(triton, pixels, sequence_id=5, sequence_start=True, sequence_end=True)
+        kept = client.get("/v1/streams/5")
+        assert kept.status_code == 200 and kept.json()["samples"] == 3
+        triton.close()

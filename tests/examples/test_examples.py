@@ -78,3 +78,24 @@ def test_readme_use_block_runs_as_written(server: Server, tmp_path: Path) -> Non
     assert out.count('"stream_id":"camera-7"') == 2  # the two predicts
     assert '"outputs"' in out and '"early"' in out
     assert out.rstrip().endswith("}") and (tmp_path / "camera-7.safetensors").stat().st_size > 0
+
+
+def test_triton_client_example(server: Server, tmp_path: Path) -> None:
+    """Triton's own client: a stateless request, then a sequence that creates, adapts and ends
+    its stream (deleted at sequence_end, the default)."""
+    address = server.url.removeprefix("http://")
+    out = run(
+        [sys.executable, str(ROOT / "examples" / "triton_client.py"), "--url", address,
+         "--sequence", "42"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    lines = out.splitlines()
+    assert lines[0] == "live True ready True"
+    assert lines[1].startswith("stateless: [") and len(lines) == 7
+    for step, line in enumerate(lines[2:]):
+        assert line.startswith(f"sequence 42 step {step}: [")
+        labels = re.findall(r"'([a-z]+)'", line.split("] ")[0])
+        assert len(labels) == 4 and set(labels) <= set(CIFAR10_LABELS)
+        assert f"'stream_id': '42', 'samples': {4 * (step + 1)}" in line  # one stream adapts
+    with server.client() as http:
+        assert http.get("/v1/streams/42").status_code == 404  # ended: deleted

@@ -24,7 +24,8 @@ from models import ModelError
 from service.api import catalog, oip, streams
 from service.api import metrics as metrics_api
 from service.api.deps import AppState
-from service.api.openapi import install_openapi
+from service.api.openapi import docs_router, install_openapi
+from service.auth import READ, Authenticator
 from service.errors import install_error_handlers
 from service.health import StoreHealth
 from service.metrics import Metrics, TroubleThresholds
@@ -54,13 +55,18 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         >>> app = create_app(Settings(store="memory"))
         >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
     """
-    state = AppState(settings=settings, metrics=metrics or Metrics())
+    auth = Authenticator(settings.api_keys, settings.api_keys_file)
+    state = AppState(settings=settings, metrics=metrics or Metrics(), auth=auth)
     state.metrics.ready.set_function(lambda: float(is_ready(state)))
     app = FastAPI(
         title="tta-serve",
         summary="Test-time adaptation of BatchNorm statistics, per client stream",
         version="0.1.0",
         lifespan=_lifespan,
+        # served by openapi.docs_router instead, behind a key when authentication is on
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.tta = state
     install_error_handlers(app)
@@ -68,11 +74,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(ServedByMiddleware, replica_id=settings.replica_id)
     app.include_router(streams.router, prefix="/v1/streams")
-    app.include_router(catalog.models_router, prefix="/v1/models")
-    app.include_router(catalog.adapters_router, prefix="/v1/adapters")
+    app.include_router(catalog.models_router, prefix="/v1/models", dependencies=[READ])
+    app.include_router(catalog.adapters_router, prefix="/v1/adapters", dependencies=[READ])
     app.include_router(oip.router)
     app.include_router(metrics_api.router)
     install_openapi(app, [Base64Images, oip.InferRequest, oip.InferResponse])
+    app.include_router(docs_router)
     return app
 
 

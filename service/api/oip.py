@@ -27,6 +27,7 @@ from adapters import InvalidStateError
 from service.api.deps import AppStateDep, RegistryDep
 from service.api.openapi import LOADED_STREAM_ERRORS, REGISTRY_ERRORS, ref, v2_errors
 from service.api.streams import run_prediction
+from service.auth import READ, WriterDep
 from service.errors import (
     DeadlineExceededError,
     ForwardError,
@@ -261,7 +262,12 @@ async def ready(state: AppStateDep) -> JSONResponse:
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
-@router.get("/v2/models/{model}", response_model=ModelMetadata, responses=v2_errors(*MODEL_ERRORS))
+@router.get(
+    "/v2/models/{model}",
+    response_model=ModelMetadata,
+    responses=v2_errors(*MODEL_ERRORS),
+    dependencies=[READ],
+)
 async def model_metadata(model: str, registry: RegistryDep) -> dict[str, Any]:
     """The model's inputs and outputs."""
     runtime = registry.runtime(model)
@@ -289,7 +295,10 @@ async def model_metadata(model: str, registry: RegistryDep) -> dict[str, Any]:
 
 
 @router.get(
-    "/v2/models/{model}/ready", response_model=ModelReadiness, responses=v2_errors(*MODEL_ERRORS)
+    "/v2/models/{model}/ready",
+    response_model=ModelReadiness,
+    responses=v2_errors(*MODEL_ERRORS),
+    dependencies=[READ],
 )
 async def model_ready(model: str, registry: RegistryDep) -> dict[str, Any]:
     """Whether the model is ready (it is, once served and the server is ready)."""
@@ -301,6 +310,7 @@ async def model_ready(model: str, registry: RegistryDep) -> dict[str, Any]:
 async def infer(
     model: str,
     request: Request,
+    caller: WriterDep,
     registry: RegistryDep,
     state: AppStateDep,
     x_stream_id: StreamIdHeader = None,
@@ -315,7 +325,7 @@ async def infer(
         raise InvalidInputError(
             "no stream id: set parameters.stream_id in the request or the X-Stream-Id header"
         )
-    entry = await registry.find(stream_id)
+    entry = await registry.find(caller.key(stream_id))  # the caller's own streams only
     if entry.info.model != model:
         raise InvalidInputError(
             f"stream {stream_id!r} belongs to model {entry.info.model!r}, not {model!r}"
@@ -475,6 +485,7 @@ def _check_version(version: str) -> None:
     "/v2/models/{model}/versions/{version}",
     response_model=ModelMetadata,
     responses=v2_errors(*MODEL_ERRORS),
+    dependencies=[READ],
 )
 async def model_version_metadata(model: str, version: str, registry: RegistryDep) -> dict[str, Any]:
     """The model's metadata, for its version."""
@@ -486,6 +497,7 @@ async def model_version_metadata(model: str, version: str, registry: RegistryDep
     "/v2/models/{model}/versions/{version}/ready",
     response_model=ModelReadiness,
     responses=v2_errors(*MODEL_ERRORS),
+    dependencies=[READ],
 )
 async def model_version_ready(model: str, version: str, registry: RegistryDep) -> dict[str, Any]:
     """Whether the model version is ready."""
@@ -498,10 +510,11 @@ async def infer_version(
     model: str,
     version: str,
     request: Request,
+    caller: WriterDep,
     registry: RegistryDep,
     state: AppStateDep,
     x_stream_id: StreamIdHeader = None,
 ) -> Response:
     """Inference on the model version (see ``/v2/models/{model}/infer``)."""
     _check_version(version)
-    return await infer(model, request, registry, state, x_stream_id)
+    return await infer(model, request, caller, registry, state, x_stream_id)

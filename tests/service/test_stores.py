@@ -231,6 +231,7 @@ def test_encoding_layout() -> None:
         "seed": 1234,
         "created_at": 1764072000.123456,
         "ttl_seconds": 3600.5,
+        "tenant": "",
         "state_length": 6,
         "state_sha256": hashlib.sha256(b"\x00STATE").hexdigest(),
     }

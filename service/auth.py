@@ -247,7 +247,8 @@ class Authenticator:
     async def authenticate(self, request: Request) -> Caller:
         """The caller of a request: UnauthorizedError (401) without a valid key.
 
-        ``X-Tenant`` lets an admin act for another tenant; others may only name their own.
+        ``X-Tenant`` lets an admin act for another tenant (empty: the streams of no tenant, made
+        without keys); others may only name their own.
         """
         if not self.enabled:
             return ANONYMOUS
@@ -264,7 +265,7 @@ class Authenticator:
             return caller
         if not caller.can("any_tenant"):
             raise ForbiddenError(f"a {caller.role} key acts for its own tenant only (X-Tenant)")
-        if not TENANT.fullmatch(tenant):
+        if tenant and not TENANT.fullmatch(tenant):  # "": the streams of no tenant
             raise ForbiddenError(f"X-Tenant must match {TENANT.pattern}")
         return Caller(tenant=tenant, role=caller.role, key_id=caller.key_id)
 

@@ -254,6 +254,14 @@ def test_the_stream_record_is_defined_once() -> None:
     assert StreamInfo.of(make_record()) == StreamInfo(**make_record().fields())
 
 
+def test_a_record_written_before_a_field_existed_loads_with_its_default() -> None:
+    # Records stored before streams had tenants have no "tenant": they belong to none.
+    header = {k: v for k, v in header_of(encode_record(make_record())).items() if k != "tenant"}
+    text = json.dumps(header).encode()
+    record = decode_record(MAGIC + struct.pack(">I", len(text)) + text + make_record().state)
+    assert record.tenant == "" and record == make_record()
+
+
 def test_header_field_of_the_wrong_type_is_named() -> None:
     header = header_of(encode_record(make_record()))
     for name, bad in [("seed", True), ("created_at", "1"), ("config", []), ("id", 1)]:

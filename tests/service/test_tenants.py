@@ -3,9 +3,9 @@ tenant visible to another (a property-based run of random interleavings), quotas
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import subprocess
 import sys
 import tomllib
 from collections.abc import Callable, Iterator
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service.auth import ApiKey, Role, hash_key, key_id, new_key, verify_key
+from service.auth import main as auth_cli
 from service.settings import Settings
 from tests.service.helpers import MODEL, Server, running_server, server_settings
 
@@ -235,6 +236,16 @@ def test_an_admin_acts_for_another_tenant_with_x_tenant_others_may_not(server: S
         response = call(client, USER, "GET", "/v1/streams/g-only", headers=as_globex)
         assert response.status_code == 403
         assert response.json()["error"]["code"] == "forbidden"
+        # an empty X-Tenant: the streams of no tenant (made before keys were configured)
+        no_tenant = {"X-Tenant": ""}
+        made = call(client, ADMIN, "POST", "/v1/streams", json={"id": "legacy"}, headers=no_tenant)
+        assert made.status_code == 201 and made.json()["tenant"] == ""
+        assert call(client, USER, "GET", "/v1/streams/legacy").status_code == 404
+        assert (
+            call(client, ADMIN, "GET", "/v1/streams/legacy", headers=no_tenant).status_code == 200
+        )
+        response = call(client, ADMIN, "GET", "/v1/streams", headers={"X-Tenant": "Not/Valid"})
+        assert response.status_code == 403
 
 
 def test_per_stream_metrics_name_the_tenant(server: Server) -> None:
@@ -430,27 +441,24 @@ def test_a_loopback_bind_needs_no_keys(host: str) -> None:
     assert not Settings(host=host).auth_enabled
 
 
-def test_the_cli_makes_a_key_and_its_entry_and_hashes_a_key() -> None:
-    made = subprocess.run(
-        [sys.executable, "-m", "service.auth", "new", "--tenant", "acme", "--role", "reader"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    key = made.stderr.strip().rsplit(" ", 1)[1]
-    (entry,) = tomllib.loads(made.stdout)["keys"]
-    assert key not in made.stdout  # only the hash is meant to be stored
+def test_the_cli_makes_a_key_and_its_entry_and_hashes_a_key(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auth_cli(["new", "--tenant", "acme", "--role", "reader"])  # python -m service.auth new ...
+    made = capsys.readouterr()
+    key = made.err.strip().rsplit(" ", 1)[1]
+    (entry,) = tomllib.loads(made.out)["keys"]
+    assert key not in made.out  # only the hash is meant to be stored
     parsed = ApiKey.model_validate(entry)
     assert parsed.id == key_id(key) and parsed.tenant == "acme" and parsed.role == "reader"
     assert verify_key(key, parsed.hash) and not verify_key(key + "x", parsed.hash)
-    hashed = subprocess.run(
-        [sys.executable, "-m", "service.auth", "hash"],
-        input=key + "\n",
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert verify_key(key, hashed.stdout.strip()) and hashed.stdout.strip() != parsed.hash
+    monkeypatch.setattr(sys, "stdin", io.StringIO(key + "\n"))
+    auth_cli(["hash"])
+    hashed = capsys.readouterr().out.strip()
+    assert verify_key(key, hashed) and hashed != parsed.hash  # a fresh salt
+    monkeypatch.setattr(sys, "stdin", io.StringIO("not-a-key\n"))
+    with pytest.raises(SystemExit):
+        auth_cli(["hash"])
 
 
 def test_without_keys_every_caller_is_the_anonymous_admin(

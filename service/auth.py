@@ -4,7 +4,8 @@ A key looks like ``tta_<id>_<secret>``. The server stores, per key, its public `
 hash of the whole key, the tenant it acts for and its role; never the key itself, and it never
 logs one. A request presents its key as ``Authorization: Bearer <key>`` (or ``X-API-Key``); the
 key's ``id`` picks the one entry whose hash is checked, so a wrong key costs one scrypt, not one
-per configured key. A verified key is remembered (by its SHA-256) until the keys change.
+per configured key, on a pool of its own. A verified key is remembered (by its SHA-256) until the
+keys change, and so are the last refused ones.
 
 Keys come from the settings (``api_keys``) and from a keys file (``api_keys_file``, TOML or
 JSON, ``keys = [...]``), which is read again whenever it changes (its mtime, size or inode), on
@@ -29,8 +30,11 @@ import os
 import re
 import secrets
 import sys
+import threading
 import tomllib
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -67,6 +71,8 @@ TENANT_HEADER = "x-tenant"
 # scrypt at the cost OWASP recommends for it (N=2**17 is the password figure; keys are random
 # 256-bit secrets, so 2**14 keeps a wrong key cheap to refuse and still slow to brute-force).
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SCRYPT_THREADS = 2  # scrypt checks at once (16 MiB each)
+REFUSED_KEPT = 1024
 _HASH = re.compile(r"^scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
 
 
@@ -155,10 +161,16 @@ ANONYMOUS = Caller(tenant="", role="admin")
 
 @dataclass
 class KeyRing:
-    """The keys in force, by id, and the keys already verified (by SHA-256 of the key)."""
+    """The keys in force, by id; the keys already verified and the last refused (by SHA-256).
+
+    Remembering refused keys (the last ``REFUSED_KEPT``) makes a client that repeats a wrong
+    key cost no scrypt after the first.
+    """
 
     keys: dict[str, ApiKey]
     verified: dict[bytes, Caller] = field(default_factory=dict)
+    refused: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # scrypt threads write
 
     @classmethod
     def of(cls, keys: list[ApiKey]) -> KeyRing:
@@ -168,18 +180,33 @@ class KeyRing:
             raise ValueError("two API keys have the same id")
         return ring
 
-    def caller(self, key: str) -> Caller | None:
-        """The caller of ``key``, or None if it is not a valid key (may run scrypt: a thread)."""
-        fingerprint = hashlib.sha256(key.encode()).digest()
-        known = self.verified.get(fingerprint)
-        if known is not None:
-            return known
+    def known(self, key: str) -> tuple[bool, Caller | None]:
+        """(True, its caller or None) if ``key`` was checked before; (False, None) if not."""
+        fingerprint = _fingerprint(key)
+        with self._lock:
+            if fingerprint in self.refused:
+                return True, None
+            caller = self.verified.get(fingerprint)
+        return caller is not None, caller
+
+    def check(self, key: str) -> Caller | None:
+        """The caller of ``key``, or None if it is not a valid key (runs scrypt: a thread)."""
+        fingerprint = _fingerprint(key)
         entry = self.keys.get(key_id(key) or "")
         if entry is None or not verify_key(key, entry.hash):
+            with self._lock:
+                self.refused[fingerprint] = None
+                while len(self.refused) > REFUSED_KEPT:
+                    self.refused.popitem(last=False)
             return None
         caller = Caller(tenant=entry.tenant, role=entry.role, key_id=entry.id)
-        self.verified[fingerprint] = caller
+        with self._lock:
+            self.verified[fingerprint] = caller
         return caller
+
+
+def _fingerprint(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
 
 
 def read_keys_file(path: Path) -> list[ApiKey]:
@@ -207,6 +234,7 @@ class Authenticator:
         self._file = keys_file
         self._seen: tuple[int, int, int] | None = None
         self._ring = KeyRing.of(self._keys)
+        self._scrypt = ThreadPoolExecutor(SCRYPT_THREADS, thread_name_prefix="tta-auth")
         if keys_file is not None:
             self._reload(keys_file, initial=True)
 
@@ -257,7 +285,13 @@ class Authenticator:
             raise UnauthorizedError(
                 "this server needs an API key: send it as 'Authorization: Bearer <key>'"
             )
-        caller = await asyncio.to_thread(self.ring().caller, key)
+        ring = self.ring()
+        checked, caller = ring.known(key)
+        if not checked:
+            # scrypt on its own small pool: wrong keys cannot hold up the threads that decode
+            # images, nor the event loop
+            loop = asyncio.get_running_loop()
+            caller = await loop.run_in_executor(self._scrypt, ring.check, key)
         if caller is None:
             raise UnauthorizedError("the API key is not valid (unknown, revoked or mistyped)")
         tenant = request.headers.get(TENANT_HEADER)

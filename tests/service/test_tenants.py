@@ -20,7 +20,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from service.auth import ApiKey, Role, hash_key, key_id, new_key, verify_key
+from service.auth import ApiKey, Caller, KeyRing, Role, hash_key, key_id, new_key, verify_key
 from service.auth import main as auth_cli
 from service.settings import Settings
 from tests.service.helpers import MODEL, Server, running_server, server_settings
@@ -459,6 +459,24 @@ def test_the_cli_makes_a_key_and_its_entry_and_hashes_a_key(
     monkeypatch.setattr(sys, "stdin", io.StringIO("not-a-key\n"))
     with pytest.raises(SystemExit):
         auth_cli(["hash"])
+
+
+def test_a_key_is_checked_by_scrypt_once_right_or_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[str] = []
+
+    def counted(key: str, stored: str) -> bool:
+        checks.append(key)
+        return verify_key(key, stored)
+
+    monkeypatch.setattr("service.auth.verify_key", counted)
+    ring = KeyRing.of([ACTORS["user"][1]])
+    assert ring.known(USER.key or "") == (False, None)
+    assert ring.check(USER.key or "") == Caller("acme", "user", key_id(USER.key or ""))
+    assert ring.check(FORGED.key or "") is None
+    assert ring.known(USER.key or "")[0] and ring.known(FORGED.key or "") == (True, None)
+    assert ring.check("tta_0123456789abcdef_unknown-id") is None  # no entry: no scrypt
+    assert checks == [USER.key, FORGED.key]
+    assert not verify_key(USER.key or "", "scrypt$broken")
 
 
 def test_without_keys_every_caller_is_the_anonymous_admin(

@@ -359,6 +359,7 @@ _VERBS: dict[Permission, str] = {
 CallerDep = Annotated[Caller, Depends(get_caller)]
 ReaderDep = Annotated[Caller, allow("read")]
 WriterDep = Annotated[Caller, allow("write")]
+AUTHENTICATED = Depends(get_caller)
 READ = allow("read")
 METRICS = allow_unless_public("metrics", lambda settings: settings.public_metrics)
 DOCS = allow_unless_public("docs", lambda settings: settings.public_docs)

@@ -25,7 +25,7 @@ from service.api import catalog, oip, streams
 from service.api import metrics as metrics_api
 from service.api.deps import AppState
 from service.api.openapi import docs_router, install_openapi
-from service.auth import READ, Authenticator
+from service.auth import AUTHENTICATED, READ, Authenticator
 from service.errors import install_error_handlers
 from service.health import StoreHealth
 from service.metrics import Metrics, TroubleThresholds
@@ -73,7 +73,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(ServedByMiddleware, replica_id=settings.replica_id)
-    app.include_router(streams.router, prefix="/v1/streams")
+    # every stream route needs a key (when authentication is on), a route added later included;
+    # each route then names its stream through streams.ReadKey or streams.WriteKey (its role)
+    app.include_router(streams.router, prefix="/v1/streams", dependencies=[AUTHENTICATED])
     app.include_router(catalog.models_router, prefix="/v1/models", dependencies=[READ])
     app.include_router(catalog.adapters_router, prefix="/v1/adapters", dependencies=[READ])
     app.include_router(oip.router)

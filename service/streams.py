@@ -686,11 +686,15 @@ class StreamRegistry(Generic[R]):
             record = await asyncio.to_thread(self.writer.get, stream_id)
         except StoreError as error:
             raise store_failure(error, f"look up stream {stream_id!r}") from None
-        if stream_id not in self.entries and record is not None and record.model in self.runtimes:
+        if stream_id not in self.entries and record is not None and self._servable(record):
             self.entries[stream_id] = self._entry(record)
             self._count(record.model)
             logger.info("stream %s found in the store", stream_id)
         return self.get(stream_id, touch=touch)
+
+    def _servable(self, record: StreamRecord) -> bool:
+        """Whether a stored stream can be served here: its model is, its key names its tenant."""
+        return record.model in self.runtimes and tenant_of(record.id) == record.tenant
 
     def _entry(self, record: StreamRecord) -> StreamEntry:
         """The entry of a stored stream (used from now), with its stored samples and signals."""
@@ -704,12 +708,12 @@ class StreamRegistry(Generic[R]):
 
     def page(self, offset: int, limit: int, tenant: str = "") -> tuple[list[StreamEntry], int]:
         """The tenant's entries sorted by id, ``limit`` from ``offset``, and their count."""
-        ids = sorted(k for k, entry in self.entries.items() if entry.info.tenant == tenant)
+        ids = sorted(key for key in self.entries if tenant_of(key) == tenant)
         return [self.entries[i] for i in ids[offset : offset + limit]], len(ids)
 
     def held(self, tenant: str) -> tuple[int, int]:
         """The tenant's streams (those being created included) and their states' bytes."""
-        entries = [e for e in self.entries.values() if e.info.tenant == tenant]
+        entries = [e for key, e in self.entries.items() if tenant_of(key) == tenant]
         creating = sum(1 for key in self._reserved if tenant_of(key) == tenant)
         return len(entries) + creating, sum(e.state_bytes for e in entries)
 
@@ -974,7 +978,7 @@ class StreamRegistry(Generic[R]):
                     record.model,
                 )
                 continue
-            if not STREAM_KEY.fullmatch(record.id):
+            if not STREAM_KEY.fullmatch(record.id) or tenant_of(record.id) != record.tenant:
                 logger.warning("stored stream id %r is invalid: skipped", record.id)
                 continue
             self.entries[record.id] = self._entry(record)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Iterator
@@ -195,6 +197,27 @@ def test_each_role_may_do_exactly_its_operations(server: Server, who: str) -> No
                 assert response.headers["www-authenticate"].startswith("Bearer")
 
 
+OPEN_ROUTES = {"/v2", "/v2/health/live", "/v2/health/ready"}
+
+
+def test_every_route_but_health_needs_a_key(server: Server) -> None:
+    """Every operation of the API document (those added after this test included), the docs."""
+    paths = server.app.openapi()["paths"]
+    routes = [
+        (method.upper(), path)
+        for path, operations in paths.items()
+        if path not in OPEN_ROUTES
+        for method in operations
+    ]
+    routes += [("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json")]
+    assert len(routes) > 20
+    with server.client() as client:
+        for method, path in routes:
+            url = re.sub(r"\{[^}]+\}", "x", path)
+            response = client.request(method, url, headers={"content-type": "application/json"})
+            assert response.status_code == 401, (method, path, response.text)
+
+
 def test_a_refusal_does_not_change_the_stream(server: Server) -> None:
     with server.client() as client:
         call(client, USER, "POST", "/v1/streams", json={"id": "kept"}).raise_for_status()
@@ -293,7 +316,8 @@ def clear_streams(client: httpx.Client) -> None:
 
 
 @hypothesis_settings(
-    max_examples=60,
+    # TTA_TENANT_FUZZ_EXAMPLES=300 for a longer run (docs/security.md)
+    max_examples=int(os.environ.get("TTA_TENANT_FUZZ_EXAMPLES", "60")),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],

@@ -46,9 +46,12 @@ RUN groupadd --system --gid 10001 tta \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
 WORKDIR /app
+# TTA_ALLOW_UNAUTHENTICATED: the container binds every interface; publish its port only to
+# trusted networks, or give it API keys (TTA_API_KEYS_FILE, docs/security.md) and set it false.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TTA_HOST=0.0.0.0 \
+    TTA_ALLOW_UNAUTHENTICATED=true \
     TTA_PORT=8000 \
     TTA_MODEL_CACHE_DIR=/var/lib/tta-serve/models \
     TTA_DATA_DIR=/var/lib/tta-serve/state

@@ -103,6 +103,27 @@ class StreamNotFoundError(ServiceError):
     status, code = 404, "stream_not_found"
 
 
+class UnauthorizedError(ServiceError):
+    """The request has no API key, or one that is not valid (authentication is on)."""
+
+    status, code = 401, "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="tta-serve"'})
+
+
+class ForbiddenError(ServiceError):
+    """The API key's role does not allow this operation."""
+
+    status, code = 403, "forbidden"
+
+
+class QuotaExceededError(ServiceError):
+    """The tenant is at its quota of streams or of state memory."""
+
+    status, code = 403, "quota_exceeded"
+
+
 class StreamExistsError(ServiceError):
     """A stream with this id exists already."""
 
@@ -257,7 +278,7 @@ _HTTP_CODES = {
 OIP_PREFIX = "/v2"
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 # Headers of an error that the OIP reshaping keeps (the others describe the v1 body).
-_KEPT_HEADERS = ("retry-after", "allow")
+_KEPT_HEADERS = ("retry-after", "allow", "www-authenticate")
 
 
 def oip_status(status: int) -> int:

@@ -23,6 +23,7 @@ import pydantic
 
 from adapters import stateless_adapters
 from service.api.deps import AppState, registry_of
+from service.auth import Caller, Permission, require
 from service.errors import InvalidInputError, ModelNotServedError, describe_validation, to_response
 from service.inference import (
     INPUT,
@@ -47,6 +48,8 @@ WORKERS = 16  # calls served at once (each thread waits for its call on the even
 # HTTP statuses of the service's errors as gRPC codes.
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.ABORTED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -95,8 +98,18 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         """Ready when the model (version 1) is served and the server is ready."""
-        served = request.name in self.state.runtimes and request.version in ("", VERSION)
-        return pb.ModelReadyResponse(ready=self.state.serving and served)
+
+        async def ready() -> bool:
+            await self._allow(context, "read")
+            served = request.name in self.state.runtimes and request.version in ("", VERSION)
+            return self.state.serving and served
+
+        return pb.ModelReadyResponse(ready=self._run(context, ready))
+
+    async def _allow(self, context: grpc.ServicerContext, permission: Permission) -> Caller:
+        """The call's caller, from its metadata as from HTTP headers (service.auth); 401/403."""
+        metadata = {k.lower(): v for k, v in context.invocation_metadata() or ()}
+        return require(await self.state.auth.authenticate_headers(metadata), permission)
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         """Name, version and the extensions supported over gRPC."""
@@ -107,6 +120,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """The model's input and outputs (its parameters are in the REST metadata)."""
 
         async def metadata() -> Any:
+            await self._allow(context, "read")
             _check_version(request.version)
             runtime = registry_of(self.state).runtime(request.name)
             listed = tensors(runtime)
@@ -122,11 +136,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return self._run(context, metadata)
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
-        """Inference, as ``POST /v2/models/{model}/infer``; outputs as raw contents."""
-        metadata = dict(context.invocation_metadata() or ())
-        return self._run(context, lambda: self._infer(request, metadata.get("x-stream-id")))
+        """Inference, as ``POST /v2/models/{model}/infer``; outputs as raw contents.
 
-    async def _infer(self, request: Any, header_stream_id: str | None) -> Any:
+        With authentication on, the call's metadata carries the key as over HTTP
+        (``authorization: Bearer <key>`` or ``x-api-key``), and ``x-tenant`` likewise.
+        """
+        metadata = dict(context.invocation_metadata() or ())
+        return self._run(
+            context, lambda: self._infer(request, context, metadata.get("x-stream-id"))
+        )
+
+    async def _infer(
+        self, request: Any, context: grpc.ServicerContext, header_stream_id: str | None
+    ) -> Any:
+        caller = await self._allow(context, "write")
         state, model = self.state, request.model_name
         _check_version(request.model_version)
         registry = registry_of(state)
@@ -157,7 +180,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             tensor.name, tensor.datatype, list(tensor.shape), runtime, state, raw=raw, data=data
         )
         state.metrics.stage_latency.labels(model, "decode").observe(time.perf_counter() - started)
-        result = await run_inference(state, registry, model, target, images)
+        result = await run_inference(state, registry, model, target, images, caller)
         outputs = outputs_of(result.logits, runtime, wanted)
         return pb.ModelInferResponse(
             model_name=model,

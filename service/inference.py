@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from adapters import get_adapter, stateless_adapters
 from service.api.deps import AppState
 from service.api.streams import require_finite, run_prediction
+from service.auth import Caller
 from service.errors import (
     InvalidInputError,
     StreamExistsError,
@@ -181,31 +182,44 @@ class Inference:
 
 
 async def run_inference(
-    state: AppState, registry: Registry, model: str, target: Target, images: ImageBatch
+    state: AppState,
+    registry: Registry,
+    model: str,
+    target: Target,
+    images: ImageBatch,
+    caller: Caller,
 ) -> Inference:
-    """Run a checked request: the sequence's start, the prediction, the sequence's end."""
+    """Run a checked request: the sequence's start, the prediction, the sequence's end.
+
+    ``caller`` names the streams: a tenant's sequence ids are its own (service.auth).
+    """
     if target.stream_id is None:
         logits = await _stateless(registry.runtime(model), target.adapter, images, state)
         return Inference(logits, {"adapter": target.adapter, "stateless": True})
     stream_id = target.stream_id
+    key = caller.key(stream_id)
     if target.start:
-        entry = await _start(registry, state.settings, model, stream_id)
+        entry = await _start(registry, state.settings, model, stream_id, caller)
     else:
-        entry = await registry.find(stream_id)
+        entry = await registry.find(key)
         _check_model(entry.info, model)
     result = await run_prediction(
         registry, entry, images, state.settings, adapt=target.adapt, top_k=1, drift=False
     )
     if target.end and state.settings.oip_sequence_end == "delete":
-        await registry.delete(stream_id)
+        await registry.delete(key)
     return Inference(result.logits, {"stream_id": stream_id, "samples": result.samples})
 
 
-async def _start(registry: Registry, settings: Settings, model: str, stream_id: str) -> StreamEntry:
+async def _start(
+    registry: Registry, settings: Settings, model: str, stream_id: str, caller: Caller
+) -> StreamEntry:
     """The stream of a sequence that starts: created if absent, reset if present."""
+    key = caller.key(stream_id)
     try:
-        entry = await registry.find(stream_id)
+        entry = await registry.find(key)
     except StreamNotFoundError:
+        quota = settings.tenant_quota(caller.tenant)
         try:
             return await registry.create(
                 stream_id,
@@ -213,11 +227,14 @@ async def _start(registry: Registry, settings: Settings, model: str, stream_id: 
                 settings.default_adapter,
                 settings.default_adapter_config,
                 None,
+                caller.tenant,
+                max_streams=quota.max_streams,
+                max_state_bytes=quota.max_state_bytes,
             )
         except StreamExistsError:  # a concurrent start created it: start it afresh
-            entry = await registry.find(stream_id)
+            entry = await registry.find(key)
     _check_model(entry.info, model)
-    return await registry.reset(stream_id)
+    return await registry.reset(key)
 
 
 def _check_model(info: StreamInfo, model: str) -> None:

@@ -21,14 +21,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import uvicorn
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 from starlette.middleware.gzip import GZipMiddleware
 
 from models import ModelError
 from service.api import catalog, oip, streams
 from service.api import metrics as metrics_api
 from service.api.deps import AppState
-from service.api.openapi import install_openapi
+from service.api.openapi import DOCS_ASSETS_URL, docs_assets, docs_router, install_openapi
+from service.auth import AUTHENTICATED, READ, Authenticator
 from service.errors import install_error_handlers
 from service.grpc_server import start_grpc
 from service.health import StoreHealth
@@ -67,14 +67,18 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         >>> app = create_app(Settings(store="memory"))
         >>> # uvicorn.run(app, host="127.0.0.1", port=8000)
     """
-    state = AppState(settings=settings, metrics=metrics or Metrics())
+    auth = Authenticator(settings.api_keys, settings.api_keys_file)
+    state = AppState(settings=settings, metrics=metrics or Metrics(), auth=auth)
     state.metrics.ready.set_function(lambda: float(is_ready(state)))
-    # Swagger UI and ReDoc from the assets fastapi-offline ships: /docs works without internet.
-    app = FastAPIOffline(
+    app = FastAPI(
         title="tta-serve",
         summary="Test-time adaptation of BatchNorm statistics, per client stream",
         version="0.1.0",
         lifespan=_lifespan,
+        # served by openapi.docs_router instead, behind a key when authentication is on
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.tta = state
     install_error_handlers(app)
@@ -86,12 +90,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)
     # outermost: every answer carries the request id, the 413 of the body limit too
     app.add_middleware(CorrelationIdMiddleware, header_name=REQUEST_ID, validator=is_plain_id)
-    app.include_router(streams.router, prefix="/v1/streams")
-    app.include_router(catalog.models_router, prefix="/v1/models")
-    app.include_router(catalog.adapters_router, prefix="/v1/adapters")
+    # every stream route needs a key (when authentication is on), a route added later included;
+    # each route then names its stream through streams.ReadKey or streams.WriteKey (its role)
+    app.include_router(streams.router, prefix="/v1/streams", dependencies=[AUTHENTICATED])
+    app.include_router(catalog.models_router, prefix="/v1/models", dependencies=[READ])
+    app.include_router(catalog.adapters_router, prefix="/v1/adapters", dependencies=[READ])
     app.include_router(oip.router)
     app.include_router(metrics_api.router)
     install_openapi(app, [Base64Images, oip.InferRequest, oip.InferResponse])
+    app.include_router(docs_router)
+    app.mount(DOCS_ASSETS_URL, docs_assets(), name="docs-assets")
     return app
 
 

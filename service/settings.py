@@ -9,6 +9,7 @@ win over both. Nothing reads settings globally: ``create_app(settings)`` passes 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from pydantic_settings import (
 from adapters import get_adapter, stateless_adapters
 from models import ModelSpec
 from models.spec import IMAGENET_MEAN, IMAGENET_STD
+from service.auth import ApiKey
 
 CONFIG_FILE_ENV = "TTA_CONFIG_FILE"
 
@@ -79,6 +81,27 @@ class UserModel(BaseModel):
         if (self.factory is None) == (self.architecture is None):
             raise ValueError(f"user model {self.name}: set exactly one of factory, architecture")
         return self
+
+
+class TenantQuota(BaseModel):
+    """What one tenant may hold (0: no limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_streams: int = Field(default=0, ge=0, description="streams of the tenant")
+    max_state_bytes: int = Field(
+        default=0, ge=0, description="bytes of its streams' states, as stored"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``): unreachable from elsewhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
 
 
 class Settings(BaseSettings):
@@ -298,6 +321,65 @@ class Settings(BaseSettings):
     def file_model_names(self) -> list[str]:
         """The names of the ONNX and user models, in the order they are served."""
         return [m.name for m in self.onnx_models] + [m.name for m in self.user_models]
+
+    # --- access control (docs/security.md) ---
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="API keys: {id, hash, tenant, role}, made by `python -m service.auth new`; "
+        "with none (and no keys file), authentication is off",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="TOML or JSON file of more API keys (keys = [...]), read again when it changes",
+    )
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="serve without API keys on a host that is not a loopback address "
+        "(refused by default: anyone who reaches the port could use every stream)",
+    )
+    public_metrics: bool = Field(
+        default=False,
+        description="with authentication on, /metrics needs no key (else: admin or metrics role)",
+    )
+    public_docs: bool = Field(
+        default=False,
+        description="with authentication on, /docs, /redoc and /openapi.json "
+        "need no key (else: any role but metrics)",
+    )
+    tenant_max_streams: int = Field(
+        default=0, ge=0, description="streams one tenant may hold (0: no limit)"
+    )
+    tenant_max_state_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="bytes of stream state one tenant may hold, as stored (0: no limit)",
+    )
+    tenant_quotas: dict[str, TenantQuota] = Field(
+        default_factory=dict, description="per tenant, its own quota instead of the two above"
+    )
+
+    def tenant_quota(self, tenant: str) -> TenantQuota:
+        """The quota of ``tenant``: its own, or the default one."""
+        default = TenantQuota(
+            max_streams=self.tenant_max_streams, max_state_bytes=self.tenant_max_state_bytes
+        )
+        return self.tenant_quotas.get(tenant, default)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests need an API key (some key or a keys file is configured)."""
+        return bool(self.api_keys) or self.api_keys_file is not None
+
+    @model_validator(mode="after")
+    def _bind_is_safe(self) -> Settings:
+        """A host reachable from elsewhere needs API keys, unless explicitly allowed without."""
+        if not is_loopback(self.host) and not self.auth_enabled and not self.allow_unauthenticated:
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and no API key is configured: "
+                "set api_keys or api_keys_file (docs/security.md), or allow_unauthenticated=true "
+                "to let anyone who reaches the port use every stream"
+            )
+        return self
 
     def pixel_limit(self, spec: ModelSpec) -> int:
         """The largest image (width x height) accepted for the model of ``spec``."""

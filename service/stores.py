@@ -97,7 +97,10 @@ class StreamInfo:
     new field is one edit here. A new field needs a default, so that older records still load.
     """
 
-    id: str
+    id: Annotated[
+        str,
+        pydantic.Field(description="the stream's id (in the store: '<tenant>/<id>' with a tenant)"),
+    ]
     model: str
     adapter: str
     config: dict[str, Any]
@@ -106,6 +109,7 @@ class StreamInfo:
     ttl_seconds: Annotated[
         float | None, pydantic.Field(description="deleted after this long idle, in seconds")
     ]
+    tenant: Annotated[str, pydantic.Field(description="the tenant that owns the stream")] = ""
 
     def record(self, state: bytes) -> StreamRecord:
         """The store record of this stream with ``state``."""

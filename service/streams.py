@@ -42,6 +42,7 @@ from service.errors import (
     CapacityError,
     InvalidStreamIdError,
     ModelNotServedError,
+    QuotaExceededError,
     ServiceError,
     StoreUnavailableError,
     StreamConflictError,
@@ -65,6 +66,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A stream's key in the registry and the store: its id, after its tenant and a slash if it has
+# one. Ids are unique per tenant; streams of no tenant (authentication off) keep their bare ids.
+STREAM_KEY = re.compile(r"^(?:[a-z0-9][a-z0-9_-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SERVICE_METADATA_KEY = "tta-serve.service"
 
 
@@ -76,6 +80,29 @@ def validate_stream_id(stream_id: str) -> str:
             "starting with a letter or digit"
         )
     return stream_id
+
+
+def validate_stream_key(key: str) -> str:
+    """Return ``key`` if it is a valid stream key; InvalidStreamIdError otherwise."""
+    if not STREAM_KEY.fullmatch(key):
+        validate_stream_id(key.rpartition("/")[2])
+        raise InvalidStreamIdError(f"invalid stream key {key[:200]!r}")
+    return key
+
+
+def stream_key(tenant: str, stream_id: str) -> str:
+    """The key of a tenant's stream: ``<tenant>/<id>``, or the bare id without a tenant."""
+    return f"{tenant}/{stream_id}" if tenant else stream_id
+
+
+def public_id(key: str) -> str:
+    """The id of the stream of ``key``, as its tenant names it."""
+    return key.rpartition("/")[2]
+
+
+def tenant_of(key: str) -> str:
+    """The tenant of the stream of ``key`` ("" for none)."""
+    return key.rpartition("/")[0]
 
 
 def new_stream_id() -> str:
@@ -589,6 +616,7 @@ class StreamEntry:
     last_used: float = field(default_factory=time.monotonic)
     samples: int = 0
     signal: StreamSignal | None = None
+    state_bytes: int = 0  # its state's size as stored (what the tenant's quota counts)
 
 
 class StreamRegistry(Generic[R]):
@@ -634,14 +662,14 @@ class StreamRegistry(Generic[R]):
             ) from None
 
     def get(self, stream_id: str, *, touch: bool = True) -> StreamEntry:
-        """The stream's entry; StreamNotFoundError if there is none.
+        """The stream's entry (by key, see :func:`stream_key`); StreamNotFoundError if none.
 
         ``touch`` marks the stream used (its TTL counts from now); reading its metadata does not.
         """
-        validate_stream_id(stream_id)
+        validate_stream_key(stream_id)
         entry = self.entries.get(stream_id)
         if entry is None:
-            raise StreamNotFoundError(f"stream {stream_id!r} not found")
+            raise StreamNotFoundError(f"stream {public_id(stream_id)!r} not found")
         if touch:
             entry.last_used = self.clock()
         return entry
@@ -652,18 +680,22 @@ class StreamRegistry(Generic[R]):
         With a shared store (Redis) another replica may have created the stream, or handed it
         over; it is registered here and loaded into a slot on first use.
         """
-        validate_stream_id(stream_id)
+        validate_stream_key(stream_id)
         if stream_id in self.entries or stream_id in self._reserved:
             return self.get(stream_id, touch=touch)
         try:
             record = await asyncio.to_thread(self.writer.get, stream_id)
         except StoreError as error:
             raise store_failure(error, f"look up stream {stream_id!r}") from None
-        if stream_id not in self.entries and record is not None and record.model in self.runtimes:
+        if stream_id not in self.entries and record is not None and self._servable(record):
             self.entries[stream_id] = self._entry(record)
             self._count(record.model)
             logger.info("stream %s found in the store", stream_id)
         return self.get(stream_id, touch=touch)
+
+    def _servable(self, record: StreamRecord) -> bool:
+        """Whether a stored stream can be served here: its model is, its key names its tenant."""
+        return record.model in self.runtimes and tenant_of(record.id) == record.tenant
 
     def _entry(self, record: StreamRecord) -> StreamEntry:
         """The entry of a stored stream (used from now), with its stored samples and signals."""
@@ -672,12 +704,19 @@ class StreamRegistry(Generic[R]):
             last_used=self.clock(),
             samples=listed_samples(record.state),
             signal=signal_of(record.state),
+            state_bytes=len(record.state),
         )
 
-    def page(self, offset: int, limit: int) -> tuple[list[StreamEntry], int]:
-        """Entries sorted by id, ``limit`` from ``offset``, and the total count."""
-        ids = sorted(self.entries)
+    def page(self, offset: int, limit: int, tenant: str = "") -> tuple[list[StreamEntry], int]:
+        """The tenant's entries sorted by id, ``limit`` from ``offset``, and their count."""
+        ids = sorted(key for key in self.entries if tenant_of(key) == tenant)
         return [self.entries[i] for i in ids[offset : offset + limit]], len(ids)
+
+    def held(self, tenant: str) -> tuple[int, int]:
+        """The tenant's streams (those being created included) and their states' bytes."""
+        entries = [e for key, e in self.entries.items() if tenant_of(key) == tenant]
+        creating = sum(1 for key in self._reserved if tenant_of(key) == tenant)
+        return len(entries) + creating, sum(e.state_bytes for e in entries)
 
     def observed(self) -> list[ObservedStream]:
         """Every stream as the metrics see it (read at each scrape)."""
@@ -714,11 +753,27 @@ class StreamRegistry(Generic[R]):
         adapter: str,
         config: dict[str, Any] | None,
         ttl_seconds: float | None,
+        tenant: str = "",
+        *,
+        max_streams: int = 0,
+        max_state_bytes: int = 0,
     ) -> StreamEntry:
-        """Register a new stream with a fresh state, persisted before this returns."""
-        stream_id = validate_stream_id(stream_id) if stream_id is not None else new_stream_id()
+        """Register a new stream of ``tenant`` with a fresh state, persisted before this returns.
+
+        ``stream_id`` is the tenant's name for it (its key is :func:`stream_key`). A stream
+        beyond the tenant's quota (``max_streams``, ``max_state_bytes`` of its streams' states;
+        0: none) is refused with QuotaExceededError before anything is stored.
+        """
+        public = validate_stream_id(stream_id) if stream_id is not None else new_stream_id()
+        stream_id = stream_key(tenant, public)
         if stream_id in self.entries or stream_id in self._reserved:
-            raise StreamExistsError(f"stream {stream_id!r} already exists")
+            raise StreamExistsError(f"stream {public!r} already exists")
+        streams, state_bytes = self.held(tenant)
+        if max_streams and streams >= max_streams:
+            raise QuotaExceededError(
+                f"tenant {tenant!r} has {streams} streams, its quota: delete one first"
+            )
+        budget = max_state_bytes - state_bytes if max_state_bytes else None
         runtime = self.runtime(model)
         spec = get_adapter(adapter)
         validated = spec.config.model_validate(config or {})
@@ -730,22 +785,23 @@ class StreamRegistry(Generic[R]):
             seed=-1,
             created_at=time.time(),
             ttl_seconds=ttl_seconds if ttl_seconds is not None else self.default_ttl_s,
+            tenant=tenant,
         )
         self._reserved.add(stream_id)
         try:
             try:
-                opened = await runtime.call(self._open, runtime.slots, info)
+                opened = await runtime.call(self._open, runtime.slots, info, budget)
                 await self._wait_store(opened.persisted, f"save stream {stream_id!r}")
             except StreamConflictError:
                 # another replica created it meanwhile: its record stays, this slot goes
                 await runtime.call(runtime.slots.close, stream_id)
-                raise StreamExistsError(f"stream {stream_id!r} already exists") from None
+                raise StreamExistsError(f"stream {public!r} already exists") from None
             except StoreUnavailableError:
                 # Not created: free the slot, and make sure the unsaved record never appears.
                 await runtime.call(runtime.slots.close, stream_id)
                 self.writer.delete(stream_id)
                 raise
-            entry = StreamEntry(opened.info, last_used=self.clock())
+            entry = StreamEntry(opened.info, last_used=self.clock(), state_bytes=opened.state_bytes)
             self.entries[stream_id] = entry
         finally:
             self._reserved.discard(stream_id)
@@ -753,9 +809,16 @@ class StreamRegistry(Generic[R]):
         return entry
 
     @staticmethod
-    def _open(slots: StreamSlots, info: StreamInfo) -> _Opened:
+    def _open(slots: StreamSlots, info: StreamInfo, budget: int | None) -> _Opened:
         resident = slots.open(info)
-        return _Opened(resident.info, slots.persist(resident))
+        state_bytes = len(slots.export(resident))
+        if budget is not None and state_bytes > budget:
+            slots.close(info.id)
+            raise QuotaExceededError(
+                f"tenant {info.tenant!r} has {max(budget, 0)} bytes of its state-memory quota "
+                f"left; a stream of {info.adapter} needs {state_bytes}: delete one first"
+            )
+        return _Opened(resident.info, slots.persist(resident), state_bytes)
 
     async def delete(self, stream_id: str) -> None:
         """Forget the stream: free its slot and delete its stored state; both, or neither.
@@ -859,6 +922,7 @@ class StreamRegistry(Generic[R]):
         resident = await self._replace(entry, load, "save the imported state")
         # The exporter's seed becomes the stream's: a later reset re-creates its initial state.
         entry.info, entry.samples, entry.signal = resident.info, samples, resident.signal
+        entry.state_bytes = len(data)
         return entry
 
     async def _replace(
@@ -934,7 +998,7 @@ class StreamRegistry(Generic[R]):
                     record.model,
                 )
                 continue
-            if not STREAM_ID.fullmatch(record.id):
+            if not STREAM_KEY.fullmatch(record.id) or tenant_of(record.id) != record.tenant:
                 logger.warning("stored stream id %r is invalid: skipped", record.id)
                 continue
             self.entries[record.id] = self._entry(record)
@@ -985,3 +1049,4 @@ class StreamRegistry(Generic[R]):
 class _Opened:
     info: StreamInfo
     persisted: Future[None]
+    state_bytes: int

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.auth import Authenticator
 from service.errors import UnavailableError
 from service.health import StoreHealth
 from service.metrics import Metrics
@@ -24,6 +25,7 @@ class AppState:
 
     settings: Settings
     metrics: Metrics
+    auth: Authenticator
     runtimes: dict[str, ModelRuntime] = field(default_factory=dict)
     registry: StreamRegistry[ModelRuntime] | None = None
     store: StateStore | None = None

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from adapters import InvalidStateError, UnknownAdapterError, stateless_adapters
 from service.api.deps import AppState, AppStateDep, RegistryDep
 from service.api.openapi import LOADED_STREAM_ERRORS, REGISTRY_ERRORS, ref, v2_errors
+from service.auth import READ, WriterDep
 from service.errors import (
     DeadlineExceededError,
     ForwardError,
@@ -298,7 +299,7 @@ async def ready(state: AppStateDep) -> Response:
     return Response(Readiness(ready=True).model_dump_json(), media_type="application/json")
 
 
-@router.post("/v2/repository/index", responses=v2_errors(*REGISTRY_ERRORS))
+@router.post("/v2/repository/index", responses=v2_errors(*REGISTRY_ERRORS), dependencies=[READ])
 async def repository_index(registry: RegistryDep) -> list[RepositoryModel]:
     """The served models (read-only: models are chosen by the settings, not loaded by request)."""
     return [
@@ -307,13 +308,18 @@ async def repository_index(registry: RegistryDep) -> list[RepositoryModel]:
     ]
 
 
-@router.get("/v2/models/stats", responses=v2_errors(*REGISTRY_ERRORS))
+@router.get("/v2/models/stats", responses=v2_errors(*REGISTRY_ERRORS), dependencies=[READ])
 async def all_model_stats(registry: RegistryDep, state: AppStateDep) -> dict[str, Any]:
     """Every served model's statistics (see ``/v2/models/{model}/stats``)."""
     return {"model_stats": [model_statistics(state.metrics, name) for name in registry.runtimes]}
 
 
-@router.get("/v2/models/{model}", response_model=ModelMetadata, responses=v2_errors(*MODEL_ERRORS))
+@router.get(
+    "/v2/models/{model}",
+    response_model=ModelMetadata,
+    responses=v2_errors(*MODEL_ERRORS),
+    dependencies=[READ],
+)
 async def model_metadata(model: str, registry: RegistryDep, state: AppStateDep) -> dict[str, Any]:
     """The model's inputs and outputs, and what a request without a stream runs with."""
     runtime = registry.runtime(model)
@@ -340,7 +346,7 @@ async def model_metadata(model: str, registry: RegistryDep, state: AppStateDep) 
     }
 
 
-@router.get("/v2/models/{model}/ready", responses={400: NOT_HEALTHY})
+@router.get("/v2/models/{model}/ready", responses={400: NOT_HEALTHY}, dependencies=[READ])
 async def model_ready(model: str, state: AppStateDep) -> Response:
     """200 when the model is served and the server is ready; 400 (no body) otherwise."""
     if not state.serving or model not in state.runtimes:
@@ -349,7 +355,7 @@ async def model_ready(model: str, state: AppStateDep) -> Response:
     return Response(body, media_type="application/json")
 
 
-@router.get("/v2/models/{model}/config", responses=v2_errors(*MODEL_ERRORS))
+@router.get("/v2/models/{model}/config", responses=v2_errors(*MODEL_ERRORS), dependencies=[READ])
 async def model_config(model: str, registry: RegistryDep, state: AppStateDep) -> dict[str, Any]:
     """The model's configuration in Triton's model-config shape (read-only)."""
     runtime = registry.runtime(model)
@@ -381,7 +387,7 @@ async def model_config(model: str, registry: RegistryDep, state: AppStateDep) ->
     }  # fmt: skip
 
 
-@router.get("/v2/models/{model}/stats", responses=v2_errors(*MODEL_ERRORS))
+@router.get("/v2/models/{model}/stats", responses=v2_errors(*MODEL_ERRORS), dependencies=[READ])
 async def model_stats(model: str, registry: RegistryDep, state: AppStateDep) -> dict[str, Any]:
     """The model's inference statistics (Triton's statistics extension), read from the metrics.
 
@@ -399,6 +405,7 @@ async def model_stats(model: str, registry: RegistryDep, state: AppStateDep) -> 
 async def infer(
     model: str,
     request: Request,
+    caller: WriterDep,
     registry: RegistryDep,
     state: AppStateDep,
     x_stream_id: StreamIdHeader = None,
@@ -417,7 +424,7 @@ async def infer(
     ] or all_outputs(parameters.binary_data_output)
     images = _input_batch(infer_request, binary, runtime, state)
     state.metrics.stage_latency.labels(model, "decode").observe(time.perf_counter() - started)
-    result = await run_inference(state, registry, model, target, images)
+    result = await run_inference(state, registry, model, target, images, caller)
     outputs = outputs_of(result.logits, runtime, wanted)
     return _respond(infer_request.id, model, result.parameters, wanted, outputs)
 
@@ -557,6 +564,7 @@ def _check_version(version: str) -> None:
     "/v2/models/{model}/versions/{version}",
     response_model=ModelMetadata,
     responses=v2_errors(*MODEL_ERRORS),
+    dependencies=[READ],
 )
 async def model_version_metadata(
     model: str, version: str, registry: RegistryDep, state: AppStateDep
@@ -566,7 +574,9 @@ async def model_version_metadata(
     return await model_metadata(model, registry, state)
 
 
-@router.get("/v2/models/{model}/versions/{version}/ready", responses={400: NOT_HEALTHY})
+@router.get(
+    "/v2/models/{model}/versions/{version}/ready", responses={400: NOT_HEALTHY}, dependencies=[READ]
+)
 async def model_version_ready(model: str, version: str, state: AppStateDep) -> Response:
     """Whether the model version is ready (200), or not or unknown (400, no body)."""
     if version != VERSION:
@@ -574,7 +584,11 @@ async def model_version_ready(model: str, version: str, state: AppStateDep) -> R
     return await model_ready(model, state)
 
 
-@router.get("/v2/models/{model}/versions/{version}/config", responses=v2_errors(*MODEL_ERRORS))
+@router.get(
+    "/v2/models/{model}/versions/{version}/config",
+    responses=v2_errors(*MODEL_ERRORS),
+    dependencies=[READ],
+)
 async def model_version_config(
     model: str, version: str, registry: RegistryDep, state: AppStateDep
 ) -> dict[str, Any]:
@@ -583,7 +597,11 @@ async def model_version_config(
     return await model_config(model, registry, state)
 
 
-@router.get("/v2/models/{model}/versions/{version}/stats", responses=v2_errors(*MODEL_ERRORS))
+@router.get(
+    "/v2/models/{model}/versions/{version}/stats",
+    responses=v2_errors(*MODEL_ERRORS),
+    dependencies=[READ],
+)
 async def model_version_stats(
     model: str, version: str, registry: RegistryDep, state: AppStateDep
 ) -> dict[str, Any]:
@@ -597,10 +615,11 @@ async def infer_version(
     model: str,
     version: str,
     request: Request,
+    caller: WriterDep,
     registry: RegistryDep,
     state: AppStateDep,
     x_stream_id: StreamIdHeader = None,
 ) -> Response:
     """Inference on the model version (see ``/v2/models/{model}/infer``)."""
     _check_version(version)
-    return await infer(model, request, registry, state, x_stream_id)
+    return await infer(model, request, caller, registry, state, x_stream_id)

@@ -11,20 +11,28 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+import fastapi_offline
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from adapters.pool import StateMemoryError
+from service.auth import DOCS
 from service.errors import (
     CapacityError,
+    ForbiddenError,
     InvalidStreamIdError,
     StoreUnavailableError,
     StreamConflictError,
     StreamNotFoundError,
+    UnauthorizedError,
     UnavailableError,
     UnusableStateError,
     classify,
@@ -43,7 +51,9 @@ RETRY_AFTER_HEADER = {
 # Errors shared by families of routes: the registry is not ready (every route that needs it),
 # a stream id that is malformed, unknown or cannot be looked up, a stream that needs a slot (and
 # state memory), and a stream whose stored state is loaded (it may be unusable).
-REGISTRY_ERRORS: tuple[type[Exception], ...] = (UnavailableError,)
+# Every route behind an API key (when authentication is on) may answer 401 and 403.
+AUTH_ERRORS: tuple[type[Exception], ...] = (UnauthorizedError, ForbiddenError)
+REGISTRY_ERRORS: tuple[type[Exception], ...] = (*AUTH_ERRORS, UnavailableError)
 STREAM_ERRORS = (
     *REGISTRY_ERRORS,
     InvalidStreamIdError,
@@ -154,3 +164,45 @@ def _drop_default_validation_error(document: dict[str, Any]) -> None:
     schemas = document.get("components", {}).get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+
+
+# The documentation, as FastAPI serves it, but behind the "docs" permission (see service.auth),
+# and with Swagger UI's and ReDoc's scripts from the fastapi-offline package instead of a CDN, so
+# that /docs works without internet (the assets themselves are public: they are the UIs' code).
+docs_router = APIRouter(include_in_schema=False, dependencies=[DOCS])
+DOCS_ASSETS_URL = "/static-offline-docs"
+
+
+def docs_assets() -> StaticFiles:
+    """Swagger UI's and ReDoc's scripts, styles and icon, as fastapi-offline ships them."""
+    return StaticFiles(directory=Path(fastapi_offline.__file__).parent / "static")
+
+
+@docs_router.get("/openapi.json")
+async def openapi_document(request: Request) -> JSONResponse:
+    """The OpenAPI document."""
+    return JSONResponse(request.app.openapi())
+
+
+@docs_router.get("/docs")
+async def swagger_ui(request: Request) -> HTMLResponse:
+    """Swagger UI of the OpenAPI document."""
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title=f"{request.app.title} - docs",
+        swagger_js_url=f"{DOCS_ASSETS_URL}/swagger-ui-bundle.js",
+        swagger_css_url=f"{DOCS_ASSETS_URL}/swagger-ui.css",
+        swagger_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
+    )
+
+
+@docs_router.get("/redoc")
+async def redoc(request: Request) -> HTMLResponse:
+    """ReDoc of the OpenAPI document."""
+    return get_redoc_html(
+        openapi_url="/openapi.json",
+        title=f"{request.app.title} - ReDoc",
+        redoc_js_url=f"{DOCS_ASSETS_URL}/redoc.standalone.js",
+        redoc_favicon_url=f"{DOCS_ASSETS_URL}/favicon.png",
+        with_google_fonts=False,
+    )

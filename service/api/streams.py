@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import pydantic
 import torch
-from fastapi import APIRouter, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -29,6 +29,7 @@ from service.api.openapi import (
     ref,
     v1_errors,
 )
+from service.auth import ReaderDep, WriterDep
 from service.errors import (
     CapacityError,
     DeadlineExceededError,
@@ -42,6 +43,7 @@ from service.errors import (
     ModelNotServedError,
     PayloadTooLargeError,
     QueueFullError,
+    QuotaExceededError,
     StoreUnavailableError,
     StreamExistsError,
     UnavailableError,
@@ -65,7 +67,7 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.stores import StoreConflictError, StoreError
-from service.streams import STREAM_ID, StreamEntry, StreamRegistry, store_failure
+from service.streams import STREAM_ID, StreamEntry, StreamRegistry, public_id, store_failure
 
 router = APIRouter(tags=["streams"])
 
@@ -81,6 +83,22 @@ StreamIdPath = Annotated[
         json_schema_extra={"pattern": STREAM_ID.pattern},
     ),
 ]
+
+
+async def read_key(stream_id: StreamIdPath, caller: ReaderDep) -> str:
+    """The registry key of the caller's stream ``stream_id``, for a route that reads it."""
+    return caller.key(stream_id)
+
+
+async def write_key(stream_id: StreamIdPath, caller: WriterDep) -> str:
+    """The registry key of the caller's stream ``stream_id``, for a route that changes it."""
+    return caller.key(stream_id)
+
+
+# Every route of one stream names it by one of these: the caller's own streams only (a
+# stream of another tenant is not found), after the caller's role allows the route (403).
+ReadKey = Annotated[str, Depends(read_key)]
+WriteKey = Annotated[str, Depends(write_key)]
 
 # A body that is read under the body limit (413) and must be of an accepted type (415).
 BODY_ERRORS = (PayloadTooLargeError, UnsupportedMediaTypeError, InvalidInputError)
@@ -135,7 +153,9 @@ _PREDICT_BODY = {
 
 def stream_public(entry: StreamEntry) -> StreamPublic:
     """The API view of a registered stream."""
-    return StreamPublic(**entry.info.fields(), samples=entry.samples)
+    return StreamPublic(
+        **{**entry.info.fields(), "id": public_id(entry.info.id)}, samples=entry.samples
+    )
 
 
 @router.post(
@@ -154,13 +174,17 @@ def stream_public(entry: StreamEntry) -> StreamPublic:
         InvalidConfigError,
         CapacityError,
         StateMemoryError,
+        QuotaExceededError,
         StoreUnavailableError,
     ),
 )
 async def create_stream(
-    body: StreamCreate, registry: RegistryDep, settings: SettingsDep
+    body: StreamCreate, caller: WriterDep, registry: RegistryDep, settings: SettingsDep
 ) -> StreamPublic:
-    """Create a stream with a fresh state (persisted before the response)."""
+    """Create a stream of the caller's tenant with a fresh state (persisted before the response).
+
+    Refused with 403 ``quota_exceeded`` beyond the tenant's quota of streams or state memory.
+    """
     model = body.model or next(iter(registry.runtimes))  # the first model served
     adapter, config = body.adapter, body.config
     if adapter is None:
@@ -168,51 +192,62 @@ async def create_stream(
         config = settings.default_adapter_config if config is None else config
     # Naming an adapter gives its recommended preset unless the request names another one.
     config = preset_config(get_adapter(adapter).name, body.preset, config)
-    entry = await registry.create(body.id, model, adapter, config, body.ttl_seconds)
+    quota = settings.tenant_quota(caller.tenant)
+    entry = await registry.create(
+        body.id,
+        model,
+        adapter,
+        config,
+        body.ttl_seconds,
+        caller.tenant,
+        max_streams=quota.max_streams,
+        max_state_bytes=quota.max_state_bytes,
+    )
     return stream_public(entry)
 
 
 @router.get("", responses=v1_errors(*REGISTRY_ERRORS, InvalidRequestError))
 async def list_streams(
+    caller: ReaderDep,
     registry: RegistryDep,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> StreamsPublic:
-    """A page of streams, sorted by id."""
-    entries, count = registry.page(offset, limit)
+    """A page of the caller's tenant's streams, sorted by id."""
+    entries, count = registry.page(offset, limit, caller.tenant)
     return StreamsPublic(
         data=[stream_public(e) for e in entries], count=count, offset=offset, limit=limit
     )
 
 
 @router.get("/{stream_id}", responses=v1_errors(*STREAM_ERRORS))
-async def read_stream(stream_id: StreamIdPath, registry: RegistryDep) -> StreamPublic:
+async def read_stream(stream: ReadKey, registry: RegistryDep) -> StreamPublic:
     """One stream (reading it does not count as use for its TTL)."""
-    return stream_public(await registry.find(stream_id, touch=False))
+    return stream_public(await registry.find(stream, touch=False))
 
 
 @router.delete(
     "/{stream_id}", status_code=status.HTTP_204_NO_CONTENT, responses=v1_errors(*STREAM_ERRORS)
 )
-async def delete_stream(stream_id: StreamIdPath, registry: RegistryDep) -> Response:
+async def delete_stream(stream: WriteKey, registry: RegistryDep) -> Response:
     """Delete a stream and its stored state: both, or neither.
 
     Done once the store confirms it; if the store is down the answer is 503
     ``store_unavailable`` and the stream is left exactly as it was (retry later).
     """
-    await registry.delete(stream_id)
+    await registry.delete(stream)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{stream_id}/reset", responses=v1_errors(*RESIDENT_STREAM_ERRORS))
-async def reset_stream(stream_id: StreamIdPath, registry: RegistryDep) -> StreamPublic:
+async def reset_stream(stream: WriteKey, registry: RegistryDep) -> StreamPublic:
     """Give the stream back its initial state (its stored state is not loaded for it).
 
     With ``durability=sync`` the reset stands only once stored: a store failure answers 503
     ``store_unavailable`` and leaves the stream as it was. With ``interval`` it is stored at the
     next flush, like any change.
     """
-    return stream_public(await registry.reset(stream_id))
+    return stream_public(await registry.reset(stream))
 
 
 @router.get(
@@ -223,9 +258,10 @@ async def reset_stream(stream_id: StreamIdPath, registry: RegistryDep) -> Stream
         **v1_errors(*LOADED_STREAM_ERRORS),
     },
 )
-async def export_state(stream_id: StreamIdPath, registry: RegistryDep) -> Response:
+async def export_state(stream: ReadKey, registry: RegistryDep) -> Response:
     """The stream's state: safetensors with JSON metadata (model, adapter, config, seed)."""
-    data = await registry.export_state(stream_id)
+    data = await registry.export_state(stream)
+    stream_id = public_id(stream)
     return Response(
         data,
         media_type=OCTET_STREAM,
@@ -245,21 +281,19 @@ async def export_state(stream_id: StreamIdPath, registry: RegistryDep) -> Respon
         *RESIDENT_STREAM_ERRORS, *BODY_ERRORS, StateMismatchError, InvalidStateError
     ),
 )
-async def import_state(
-    stream_id: StreamIdPath, request: Request, registry: RegistryDep
-) -> StreamPublic:
+async def import_state(stream: WriteKey, request: Request, registry: RegistryDep) -> StreamPublic:
     """Replace the stream's state by an exported one of the same model, adapter and config.
 
     Refused with 422 (``state_mismatch``, or ``invalid_state`` for values that are not finite or
     break the adapter's bounds, such as a negative variance) before anything changes. Store
     failures as for reset.
     """
-    await registry.find(stream_id)
+    await registry.find(stream)
     _require_media_type(request, (OCTET_STREAM,))
     data = await request.body()
     if not data:
         raise InvalidInputError("the state body is empty: send the bytes of an exported state")
-    return stream_public(await registry.import_state(stream_id, data))
+    return stream_public(await registry.import_state(stream, data))
 
 
 @router.get(
@@ -269,16 +303,16 @@ async def import_state(
         **v1_errors(*LOADED_STREAM_ERRORS),
     },
 )
-async def read_drift(stream_id: StreamIdPath, registry: RegistryDep) -> dict[str, Any]:
+async def read_drift(stream: ReadKey, registry: RegistryDep) -> dict[str, Any]:
     """The stream's full drift report: per-layer divergences, summaries, prediction stats."""
-    return await registry.drift(stream_id)
+    return await registry.drift(stream)
 
 
 @router.post(
     "/{stream_id}/predict", openapi_extra=_PREDICT_BODY, responses=v1_errors(*PREDICT_ERRORS)
 )
 async def predict(
-    stream_id: StreamIdPath,
+    stream: WriteKey,
     request: Request,
     registry: RegistryDep,
     state: AppStateDep,
@@ -301,7 +335,7 @@ async def predict(
     raw tensor (``application/octet-stream``, shape and dtype as query parameters or as the
     ``X-Tensor-Shape`` / ``X-Tensor-Dtype`` headers): uint8 pixels or normalised float32.
     """
-    entry = await registry.find(stream_id)
+    entry = await registry.find(stream)
     runtime = registry.runtime(entry.info.model)
     settings = state.settings
     started = time.perf_counter()
@@ -314,7 +348,7 @@ async def predict(
     )
     labels = runtime.spec.labels
     return PredictResponse(
-        stream_id=entry.info.id,
+        stream_id=public_id(entry.info.id),
         model=entry.info.model,
         adapter=entry.info.adapter,
         adapted=adapt,

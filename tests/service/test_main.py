@@ -26,6 +26,7 @@ def test_main_runs_one_uvicorn_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(main.logging, "basicConfig", lambda **kwargs: None)
     monkeypatch.setenv("TTA_PORT", "9123")
     monkeypatch.setenv("TTA_HOST", "0.0.0.0")
+    monkeypatch.setenv("TTA_ALLOW_UNAUTHENTICATED", "true")
     main.main()
     (config,) = calls
     assert config.workers == 1 and config.port == 9123 and config.host == "0.0.0.0"

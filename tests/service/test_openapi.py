@@ -101,6 +101,8 @@ def test_stream_routes_document_their_statuses_and_the_id_pattern(
     assert set(predict["responses"]) == {
         "200",
         "400",
+        "401",
+        "403",
         "404",
         "409",
         "413",
@@ -117,7 +119,9 @@ def test_stream_routes_document_their_statuses_and_the_id_pattern(
     body = predict["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json", "application/octet-stream"}
     create = document["paths"]["/v1/streams"]["post"]
-    assert set(create["responses"]) == {"201", "400", "404", "409", "413", "422", "503", "507"}
+    assert set(create["responses"]) == {
+        *("201", "400", "401", "403", "404", "409", "413", "422", "503", "507")
+    }
     assert "invalid_config" in create["responses"]["422"]["description"]
 
 

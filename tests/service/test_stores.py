@@ -251,6 +251,7 @@ def test_encoding_layout() -> None:
         "seed": 1234,
         "created_at": 1764072000.123456,
         "ttl_seconds": 3600.5,
+        "tenant": "",
         "state_length": 6,
         "state_sha256": hashlib.sha256(b"\x00STATE").hexdigest(),
     }
@@ -271,6 +272,14 @@ def test_the_stream_record_is_defined_once() -> None:
     assert list(header) == [*names, "state_length", "state_sha256"]
     assert [f.name for f in dataclasses.fields(StreamPublic)] == [*names, "samples"]
     assert StreamInfo.of(make_record()) == StreamInfo(**make_record().fields())
+
+
+def test_a_record_written_before_a_field_existed_loads_with_its_default() -> None:
+    # Records stored before streams had tenants have no "tenant": they belong to none.
+    header = {k: v for k, v in header_of(encode_record(make_record())).items() if k != "tenant"}
+    text = json.dumps(header).encode()
+    record = decode_record(MAGIC + struct.pack(">I", len(text)) + text + make_record().state)
+    assert record.tenant == "" and record == make_record()
 
 
 def test_header_field_of_the_wrong_type_is_named() -> None:

@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from tritonclient.utils import InferenceServerException
 
 from service.auth import ApiKey, Caller, KeyRing, Role, hash_key, key_id, new_key, verify_key
 from service.auth import main as auth_cli
@@ -512,3 +516,44 @@ def test_without_keys_every_caller_is_the_anonymous_admin(
         assert c.get("/metrics").status_code == 200
         assert c.get("/docs").status_code == 200
         assert c.get("/openapi.json").status_code == 200
+
+
+def triton_infer(module: Any, client: Any, actor: Actor, sequence: int, start: bool) -> Any:
+    """One black image into Triton sequence ``sequence``, the actor's key in the headers."""
+    tensor = module.InferInput("input", [1, 3, 32, 32], "UINT8")
+    tensor.set_data_from_numpy(np.zeros((1, 3, 32, 32), dtype=np.uint8))
+    headers = {k.lower(): v for k, v in actor.headers.items()}
+    return client.infer(
+        MODEL, [tensor], sequence_id=sequence, sequence_start=start, headers=headers
+    )
+
+
+def test_triton_clients_carry_the_key_and_sequences_are_per_tenant(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """tritonclient over HTTP and gRPC, unmodified, with the key in its headers: no key is
+    refused (401 / UNAUTHENTICATED), a reader may not infer (403 / PERMISSION_DENIED), and two
+    tenants' sequences with the same sequence id are two streams."""
+    settings = server_settings(tmp_path, model_cache, api_keys=KEYS, grpc_port=0)
+    with running_server(settings) as running:
+        rpc_url = f"127.0.0.1:{running.app.state.tta.grpc_port}"
+        clients = [
+            (triton_http, triton_http.InferenceServerClient(running.url.removeprefix("http://"))),
+            (triton_grpc, triton_grpc.InferenceServerClient(rpc_url)),
+        ]
+        for sequence, (module, client) in enumerate(clients, start=7):
+            for actor, codes in [
+                (ANONYMOUS, ("401", "UNAUTHENTICATED")),
+                (READER, ("403", "PERMISSION_DENIED")),
+            ]:
+                with pytest.raises(InferenceServerException) as refused:
+                    triton_infer(module, client, actor, sequence, True)
+                assert any(code in str(refused.value.status()) for code in codes)
+            for step in range(3):
+                for actor in (USER, GLOBEX):
+                    triton_infer(module, client, actor, sequence, step == 0)
+            with running.client() as http:
+                for actor in (USER, GLOBEX):
+                    view = call(http, actor, "GET", f"/v1/streams/{sequence}").json()
+                    assert view["samples"] == 3 and view["tenant"] == actor.tenant
+            client.close()

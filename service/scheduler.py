@@ -255,17 +255,13 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
         parts.append(runtime.to_device(torch.cat(inputs)))
     x = parts[0] if len(parts) == 1 else torch.cat(parts)
     segments = [(resident.handle, request.count) for _, request, resident in ready]
-    result = engine.forward(x, segments, adapt=[request.adapt for _, request, _ in ready])
-    logits = result.logits
-    source_rows = [
-        (start, request.count)
-        for start, (_, request, _) in zip(_starts(ready), ready, strict=True)
-        if request.source
-    ]
-    source_logits = None
-    if source_rows:
-        rows = torch.cat([torch.arange(s, s + n) for s, n in source_rows]).to(x.device)
-        source_logits = engine.forward_source(x.index_select(0, rows))
+    result = engine.forward(
+        x,
+        segments,
+        adapt=[request.adapt for _, request, _ in ready],
+        source=[request.source for _, request, _ in ready],
+    )
+    logits, source_logits = result.logits, result.source_logits
     k = min(max(r.top_k for _, r, _ in ready), engine.num_classes)
     top = _top_k(logits, k)
     source_top = _top_k(source_logits, k) if source_logits is not None else None

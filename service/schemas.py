@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pydantic.dataclasses
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.stores import StreamInfo
 from service.streams import STREAM_ID
 
 # The longest TTL a stream may have: a year. Longer is as good as none (omit it).
@@ -102,18 +104,12 @@ class StreamCreate(BaseModel):
     )
 
 
-class StreamPublic(BaseModel):
-    """A stream as the API shows it."""
+@pydantic.dataclasses.dataclass(
+    frozen=True, kw_only=True, config=ConfigDict(json_schema_extra={"examples": [EXAMPLE_STREAM]})
+)
+class StreamPublic(StreamInfo):
+    """A stream as the API shows it: its record's info (``StreamInfo``) and its sample count."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLE_STREAM]})
-
-    id: str
-    model: str
-    adapter: str
-    config: dict[str, Any]
-    seed: int
-    created_at: float = Field(description="Unix time of creation")
-    ttl_seconds: float | None
     samples: int = Field(description="images the stream has adapted to since creation or reset")
 
 

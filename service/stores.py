@@ -19,8 +19,7 @@ On-disk/in-Redis encoding of a record (`encode_record` / `decode_record`)::
 
     MAGIC (8 bytes, b"TTASTRM" + format version byte 0x01)
     header length (4 bytes, unsigned big-endian)
-    header (UTF-8 JSON object: id, model, adapter, config, seed, created_at, ttl_seconds,
-            state_length, state_sha256)
+    header (UTF-8 JSON object: every field of `StreamInfo`, plus state_length, state_sha256)
     state (state_length raw bytes; must hash to state_sha256)
 
 `LocalStore` writes exactly that to `<sha256(id) hex>.stream`; `RedisStore` keeps the header JSON
@@ -41,9 +40,10 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
+import pydantic
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -87,28 +87,39 @@ class CorruptRecordError(StoreError):
 
 @dataclass(frozen=True)
 class StreamInfo:
-    """What a stream is: everything persisted about it except its state."""
+    """What a stream is: everything persisted about it except its state.
+
+    The one definition of a stream's record: the stores write and read every field generically
+    (the JSON header), and the API's view (``service.schemas.StreamPublic``) derives from it, so a
+    new field is one edit here. A new field needs a default, so that older records still load.
+    """
 
     id: str
     model: str
     adapter: str
     config: dict[str, Any]
     seed: int
-    created_at: float
-    ttl_seconds: float | None
+    created_at: Annotated[float, pydantic.Field(description="Unix time of creation")]
+    ttl_seconds: Annotated[
+        float | None, pydantic.Field(description="deleted after this long idle, in seconds")
+    ]
 
     def record(self, state: bytes) -> StreamRecord:
         """The store record of this stream with ``state``."""
-        return StreamRecord(**dataclasses.asdict(self), state=state)
+        return StreamRecord(**self.fields(), state=state)
+
+    def fields(self) -> dict[str, Any]:
+        """The info's fields by name (``config`` copied; a record's state and version left out)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(StreamInfo)}
+        return {**values, "config": dict(self.config)}
 
     @classmethod
     def of(cls, record: StreamInfo) -> StreamInfo:
         """The info of a stored record (its config copied)."""
-        values = {f.name: getattr(record, f.name) for f in dataclasses.fields(StreamInfo)}
-        return cls(**{**values, "config": dict(record.config)})
+        return cls(**record.fields())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StreamRecord(StreamInfo):
     """Everything persisted about one stream: its identity, settings and opaque state bytes."""
 
@@ -116,6 +127,18 @@ class StreamRecord(StreamInfo):
     version: int = 0
     """The record's version in a versioned store (Redis): 1 for a new stream's first write, +1
     per write; a fenced write of version n fails over a stored version >= n. 0 elsewhere."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredHeader(StreamInfo):
+    """The JSON header of a stored record: the stream's info, its state's length and sha256."""
+
+    state_length: Annotated[int, pydantic.Field(ge=0)]
+    state_sha256: str
+
+
+# Strict: a JSON true is no seed, "1" no time; ints are accepted as floats (times, TTLs).
+_HEADER = pydantic.TypeAdapter(StoredHeader)
 
 
 @dataclass(frozen=True)
@@ -183,15 +206,9 @@ class StateStore(Protocol):
 
 
 def encode_header(record: StreamRecord) -> bytes:
-    """The record's UTF-8 JSON header: every field except `state`, plus its length and sha256."""
+    """The record's UTF-8 JSON header: its `StreamInfo` fields, its state's length and sha256."""
     header = {
-        "id": record.id,
-        "model": record.model,
-        "adapter": record.adapter,
-        "config": record.config,
-        "seed": record.seed,
-        "created_at": record.created_at,
-        "ttl_seconds": record.ttl_seconds,
+        **record.fields(),
         "state_length": len(record.state),
         "state_sha256": hashlib.sha256(record.state).hexdigest(),
     }
@@ -214,53 +231,30 @@ def encode_record(record: StreamRecord) -> bytes:
     return b"".join((MAGIC, _LENGTH.pack(len(header)), header, record.state))
 
 
-def decode_header(data: bytes) -> dict[str, Any]:
+def decode_header(data: bytes) -> StoredHeader:
     """Parse and type-check a JSON header; CorruptRecordError if it is not a valid one."""
     try:
-        header = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptRecordError(f"header is not UTF-8 JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise CorruptRecordError("header is not a JSON object")
-    checks: dict[str, tuple[type, ...]] = {
-        "id": (str,),
-        "model": (str,),
-        "adapter": (str,),
-        "config": (dict,),
-        "seed": (int,),
-        "created_at": (int, float),
-        "ttl_seconds": (int, float, type(None)),
-        "state_length": (int,),
-        "state_sha256": (str,),
-    }
-    for name, types in checks.items():
-        value = header.get(name)
-        # bool is an int subclass, but never a valid seed, time or length
-        if name not in header or not isinstance(value, types) or isinstance(value, bool):
-            raise CorruptRecordError(f"header field {name!r} is missing or has the wrong type")
-    if header["state_length"] < 0:
-        raise CorruptRecordError("header field 'state_length' is negative")
-    return header
-
-
-def record_from_parts(header: dict[str, Any], state: bytes) -> StreamRecord:
-    """Build a record from a decoded header and the state bytes, checking length and sha256."""
-    if len(state) != header["state_length"]:
+        return _HEADER.validate_json(data, strict=True)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        if error["type"] == "json_invalid":
+            raise CorruptRecordError(f"header is not UTF-8 JSON: {error['msg']}") from None
+        if not error["loc"]:
+            raise CorruptRecordError("header is not a JSON object") from None
         raise CorruptRecordError(
-            f"state is {len(state)} bytes, the header says {header['state_length']} (truncated?)"
+            f"header field {error['loc'][0]!r} is missing or has the wrong type ({error['msg']})"
+        ) from None
+
+
+def record_from_parts(header: StoredHeader, state: bytes) -> StreamRecord:
+    """Build a record from a decoded header and the state bytes, checking length and sha256."""
+    if len(state) != header.state_length:
+        raise CorruptRecordError(
+            f"state is {len(state)} bytes, the header says {header.state_length} (truncated?)"
         )
-    if hashlib.sha256(state).hexdigest() != header["state_sha256"]:
+    if hashlib.sha256(state).hexdigest() != header.state_sha256:
         raise CorruptRecordError("state bytes do not match the sha256 in the header")
-    return StreamRecord(
-        id=header["id"],
-        model=header["model"],
-        adapter=header["adapter"],
-        config=header["config"],
-        seed=header["seed"],
-        created_at=float(header["created_at"]),
-        ttl_seconds=None if header["ttl_seconds"] is None else float(header["ttl_seconds"]),
-        state=state,
-    )
+    return header.record(state)
 
 
 def _header_length(prefix: bytes) -> int:
@@ -517,7 +511,7 @@ class LocalStore:
             raise StoreError(f"cannot list state directory {self.directory}: {exc}") from exc
         return [self.directory / name for name in sorted(names) if _STREAM_FILE.match(name)]
 
-    def _read_header(self, path: Path) -> dict[str, Any] | None:
+    def _read_header(self, path: Path) -> StoredHeader | None:
         """Only the JSON header of a stream file, checked against the file's name and size.
 
         Lets `ids()` list streams without reading every state blob; None if the file vanished.
@@ -535,9 +529,9 @@ class LocalStore:
         if len(header_bytes) != length:
             raise CorruptRecordError("truncated inside the header")
         header = decode_header(header_bytes)
-        if stream_file_name(header["id"]) != path.name:
-            raise CorruptRecordError(f"file name does not match the stored id {header['id']!r}")
-        expected = len(prefix) + length + header["state_length"]
+        if stream_file_name(header.id) != path.name:
+            raise CorruptRecordError(f"file name does not match the stored id {header.id!r}")
+        expected = len(prefix) + length + header.state_length
         if size != expected:
             raise CorruptRecordError(
                 f"file is {size} bytes, the header says {expected} (truncated?)"
@@ -554,7 +548,7 @@ class LocalStore:
                 logger.warning("skipping stream file %s: %s", path, exc)
                 continue
             if header is not None:
-                found.append((header["id"], path))
+                found.append((header.id, path))
         return sorted(found)
 
     def ids(self) -> list[str]:

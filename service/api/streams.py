@@ -134,17 +134,7 @@ _PREDICT_BODY = {
 
 def stream_public(entry: StreamEntry) -> StreamPublic:
     """The API view of a registered stream."""
-    info = entry.info
-    return StreamPublic(
-        id=info.id,
-        model=info.model,
-        adapter=info.adapter,
-        config=info.config,
-        seed=info.seed,
-        created_at=info.created_at,
-        ttl_seconds=info.ttl_seconds,
-        samples=entry.samples,
-    )
+    return StreamPublic(**entry.info.fields(), samples=entry.samples)
 
 
 @router.post(

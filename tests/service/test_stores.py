@@ -6,6 +6,7 @@ skip, when it is not installed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from service.schemas import StreamPublic
 from service.stores import (
     MAGIC,
     STORE_KINDS,
@@ -30,6 +32,7 @@ from service.stores import (
     RedisStore,
     StateStore,
     StoreError,
+    StreamInfo,
     StreamRecord,
     create_store,
     decode_record,
@@ -232,6 +235,31 @@ def test_encoding_layout() -> None:
         "state_sha256": hashlib.sha256(b"\x00STATE").hexdigest(),
     }
     assert decode_record(data) == record
+
+
+def header_of(data: bytes) -> dict[str, object]:
+    """The JSON header of an encoded record."""
+    (length,) = struct.unpack(">I", data[8:12])
+    header: dict[str, object] = json.loads(data[12 : 12 + length])
+    return header
+
+
+def test_the_stream_record_is_defined_once() -> None:
+    # StreamInfo is the one list of a stream's fields: the header and the API view follow it.
+    names = [f.name for f in dataclasses.fields(StreamInfo)]
+    header = header_of(encode_record(make_record()))
+    assert list(header) == [*names, "state_length", "state_sha256"]
+    assert [f.name for f in dataclasses.fields(StreamPublic)] == [*names, "samples"]
+    assert StreamInfo.of(make_record()) == StreamInfo(**make_record().fields())
+
+
+def test_header_field_of_the_wrong_type_is_named() -> None:
+    header = header_of(encode_record(make_record()))
+    for name, bad in [("seed", True), ("created_at", "1"), ("config", []), ("id", 1)]:
+        text = json.dumps({**header, name: bad}).encode()
+        data = MAGIC + struct.pack(">I", len(text)) + text + make_record().state
+        with pytest.raises(CorruptRecordError, match=f"header field '{name}' is missing or has"):
+            decode_record(data)
 
 
 @pytest.mark.parametrize(

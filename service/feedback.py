@@ -104,19 +104,32 @@ class Feedback:
     log: PredictionLog
     window: FeedbackWindow
 
-    def score(self, labels: list[tuple[str, int, int]]) -> tuple[int, int]:
-        """Score ``(request id, image index, true class)`` labels: (scored, already labelled).
+    def score(self, labels: list[tuple[str, int, int]]) -> Scored:
+        """Score ``(request id, image index, true class)`` labels.
 
         All or nothing: an unknown request or index raises UnknownPredictionError before any
         label counts. An image labelled before is not counted again.
         """
         found = [(self.log.find(rid, index), index, label) for rid, index, label in labels]
-        scored = duplicates = 0
+        scored = Scored()
         for logged, index, label in found:
             if index in logged.labelled:
-                duplicates += 1
+                scored.duplicates += 1
                 continue
             logged.labelled.add(index)
-            self.window.add(logged.adapted[index] == label, logged.source[index] == label)
-            scored += 1
-        return scored, duplicates
+            adapted, source = logged.adapted[index] == label, logged.source[index] == label
+            self.window.add(adapted, source)
+            scored.scored += 1
+            scored.adapted_right += adapted
+            scored.source_right += source
+        return scored
+
+
+@dataclass
+class Scored:
+    """What a batch of labels did: scored, duplicates, and right adapted / source predictions."""
+
+    scored: int = 0
+    duplicates: int = 0
+    adapted_right: int = 0
+    source_right: int = 0

@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from models import ModelError
-from service.api import catalog, oip, streams
+from service.api import catalog, oip, safety, streams
 from service.api import metrics as metrics_api
 from service.api.deps import AppState
 from service.api.openapi import install_openapi
@@ -30,6 +30,7 @@ from service.health import StoreHealth
 from service.metrics import Metrics, TroubleThresholds
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware, ServedByMiddleware
 from service.runtime import load_runtime, resolve_device
+from service.safety import SafetyLimits
 from service.scheduler import Batcher
 from service.schemas import Base64Images
 from service.settings import OnnxModel, Settings
@@ -68,6 +69,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(ServedByMiddleware, replica_id=settings.replica_id)
     app.include_router(streams.router, prefix="/v1/streams")
+    app.include_router(safety.router, prefix="/v1/streams")
     app.include_router(catalog.models_router, prefix="/v1/models")
     app.include_router(catalog.adapters_router, prefix="/v1/adapters")
     app.include_router(oip.router)
@@ -197,6 +199,14 @@ async def _start(state: AppState, store: StateStore) -> None:
         sync=settings.durability == "sync",
         default_ttl_s=settings.stream_ttl_s,
         metrics=metrics,
+        limits=SafetyLimits(
+            idempotency_max_keys=settings.idempotency_max_keys,
+            idempotency_window_s=settings.idempotency_window_s,
+            feedback_window=settings.feedback_window,
+            feedback_max_requests=settings.feedback_max_requests,
+            max_snapshots=settings.max_snapshots,
+            snapshot_interval_images=settings.snapshot_interval_images,
+        ),
     )
     restored = await asyncio.to_thread(registry.restore)
     logger.info("restored %d streams from the %s store", restored, settings.store)

@@ -31,27 +31,33 @@ class AutoResetPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     action: Literal["reset", "rollback"] = Field(
-        "reset",
+        default="reset",
         description="reset: the initial state; rollback: the last good snapshot (reset if none)",
     )
-    min_images: int = Field(256, ge=1, le=1_000_000, description="images before any check")
+    min_images: int = Field(default=256, ge=1, le=1_000_000, description="images before any check")
     entropy_low: float = Field(
-        0.05, ge=0, le=1, description="collapse if the normalised entropy falls below this"
+        default=0.05, ge=0, le=1, description="collapse if the normalised entropy falls below this"
     )
     dominant_share: float = Field(
-        0.0, ge=0, le=1, description="collapse if one class's share of predictions exceeds this"
+        default=0.0,
+        ge=0,
+        le=1,
+        description="collapse if one class's share of predictions exceeds this",
     )
     confidence_low: float = Field(
-        0.0, ge=0, le=1, description="collapse if the mean top-1 probability falls below this"
+        default=0.0,
+        ge=0,
+        le=1,
+        description="collapse if the mean top-1 probability falls below this",
     )
     drift_jump: float | None = Field(
-        None,
+        default=None,
         gt=1,
         le=1000,
         description="reset if the early-layer drift exceeds this many times its running baseline",
     )
     drift_floor: float = Field(
-        0.05, ge=0, description="drift below this never counts as a jump (clean streams)"
+        default=0.05, ge=0, description="drift below this never counts as a jump (clean streams)"
     )
 
 
@@ -126,15 +132,16 @@ def check(policy: AutoResetPolicy, summary: dict[str, Any], watch: Watch) -> str
     return None
 
 
-class SnapshotPolicy(BaseModel):
-    """Keep the last ``keep`` good states of a stream, one every ``every_images`` images."""
+@dataclass(frozen=True)
+class SafetyLimits:
+    """The server's bounds on the safety features (settings, docs/safety.md)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    keep: int = Field(0, ge=0, le=64, description="good states kept (0: none)")
-    every_images: int = Field(
-        512, ge=1, le=10_000_000, description="adapted images between two snapshots"
-    )
+    idempotency_max_keys: int = 32
+    idempotency_window_s: float = 3600.0
+    feedback_window: int = 1000
+    feedback_max_requests: int = 1000
+    max_snapshots: int = 16
+    snapshot_interval_images: int = 512
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import functools
 import math
+import secrets
 import time
 from typing import Annotated, Any
 
 import pydantic
 import torch
-from fastapi import APIRouter, Path, Query, Request, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -47,16 +49,20 @@ from service.errors import (
     UnsupportedMediaTypeError,
     describe_validation,
 )
+from service.feedback import Feedback
+from service.idempotency import IDEMPOTENCY_KEY, fingerprint
 from service.imaging import ImageBatch, decode_images, decode_tensor, parse_shape
 from service.predictions import PredictRequest, PredictResult, TopK
 from service.runtime import ModelRuntime
 from service.schemas import (
     EXAMPLE_STREAM_ID,
     STREAM_ID_DESCRIPTION,
+    AutoResetEvent,
     Base64Images,
     ClassScore,
     DriftSummary,
     ImagePrediction,
+    LiveAccuracy,
     PredictResponse,
     StreamCreate,
     StreamPublic,
@@ -134,7 +140,32 @@ _PREDICT_BODY = {
 
 def stream_public(entry: StreamEntry) -> StreamPublic:
     """The API view of a registered stream."""
-    return StreamPublic(**entry.info.fields(), samples=entry.samples)
+    return StreamPublic(**entry.info.fields(), samples=entry.samples, **safety_view(entry))
+
+
+def safety_view(entry: StreamEntry) -> dict[str, Any]:
+    """The stream's auto-resets and live accuracy, as its view shows them."""
+    last = entry.last_auto_reset
+    return {
+        "auto_resets": entry.auto_resets,
+        "last_auto_reset": AutoResetEvent(reason=last[0], at=last[1]) if last else None,
+        "accuracy": live_accuracy(entry.feedback) if entry.feedback is not None else None,
+    }
+
+
+def live_accuracy(feedback: Feedback) -> LiveAccuracy:
+    """A stream's live accuracy window as the API shows it."""
+    window = feedback.window.accuracy()
+    gain = None
+    if window.adapted is not None and window.source is not None:
+        gain = window.adapted - window.source
+    return LiveAccuracy(
+        labels=window.labels,
+        adapted=window.adapted,
+        source=window.source,
+        gain=gain,
+        labels_total=window.labels_total,
+    )
 
 
 @router.post(
@@ -164,7 +195,9 @@ async def create_stream(
     if adapter is None:
         adapter = settings.default_adapter
         config = settings.default_adapter_config if config is None else config
-    entry = await registry.create(body.id, model, adapter, config, body.ttl_seconds)
+    entry = await registry.create(
+        body.id, model, adapter, config, body.ttl_seconds, body.safety_options()
+    )
     return stream_public(entry)
 
 
@@ -276,12 +309,21 @@ async def read_drift(stream_id: StreamIdPath, registry: RegistryDep) -> dict[str
 async def predict(
     stream_id: StreamIdPath,
     request: Request,
+    response: Response,
     registry: RegistryDep,
     state: AppStateDep,
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes per image")] = 5,
     adapt: Annotated[bool, Query(description="update the stream's statistics")] = True,
     source: Annotated[bool, Query(description="also return the unadapted prediction")] = False,
     drift: Annotated[bool, Query(description="include the stream's drift summary")] = True,
+    idempotency: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="a retry with the same key gets the first response and adapts once "
+            "(docs/safety.md)",
+        ),
+    ] = None,
     shape: Annotated[
         str | None,
         Query(description="raw tensor shape N,3,H,W (octet-stream bodies)", examples=["1,3,32,32"]),
@@ -305,15 +347,29 @@ async def predict(
     state.metrics.stage_latency.labels(runtime.name, "decode").observe(
         time.perf_counter() - started
     )
+    key = idempotency_key(idempotency)
+    parameters = f"{top_k}|{adapt}|{source}|{drift}|{shape}|{dtype}|{_media_type(request)}"
     result = await run_prediction(
-        registry, entry, images, settings, adapt=adapt, source=source, top_k=top_k, drift=drift
+        registry,
+        entry,
+        images,
+        settings,
+        adapt=adapt,
+        source=source,
+        top_k=top_k,
+        drift=drift,
+        request_id=key or request_id(request),
+        idempotency_key=key,
+        fingerprint=fingerprint(await request.body(), parameters) if key else "",
     )
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     labels = runtime.spec.labels
     return PredictResponse(
         stream_id=entry.info.id,
         model=entry.info.model,
         adapter=entry.info.adapter,
-        adapted=adapt,
+        adapted=result.adapted,
         samples=result.samples,
         predictions=[image_prediction(p, labels) for p in result.predictions],
         source_predictions=(
@@ -322,7 +378,26 @@ async def predict(
             else None
         ),
         drift=DriftSummary(**result.drift) if result.drift is not None else None,
+        request_id=result.request_id,
+        auto_reset=result.safety.auto_reset if result.safety is not None else None,
     )
+
+
+def idempotency_key(key: str | None) -> str | None:
+    """The request's ``Idempotency-Key`` header (InvalidRequestError if it is malformed)."""
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidRequestError(
+            "the Idempotency-Key header must be 1-255 printable ASCII characters without spaces"
+        )
+    return key
+
+
+def request_id(request: Request) -> str:
+    """The id that names a prediction in label feedback: X-Request-ID if valid, else new."""
+    given = request.headers.get("x-request-id")
+    if given is not None and IDEMPOTENCY_KEY.fullmatch(given):
+        return given
+    return "r-" + secrets.token_hex(8)
 
 
 async def run_prediction(
@@ -335,8 +410,15 @@ async def run_prediction(
     source: bool = False,
     top_k: int = 5,
     drift: bool = True,
+    request_id: str = "",
+    idempotency_key: str | None = None,
+    fingerprint: str = "",
 ) -> PredictResult:
-    """Queue a request for the stream's batcher, wait for it (and its sync write), record it."""
+    """Queue a request for the stream's batcher, wait for it (and its sync write), record it.
+
+    A frozen stream predicts without adapting. With feedback on, the request's adapted and
+    source classes are logged under ``request_id`` for later labels.
+    """
     runtime = registry.runtime(entry.info.model)
     if runtime.batcher is None:  # set in the lifespan before the app is ready
         raise UnavailableError("the server is starting: the model's batcher is not running")
@@ -344,15 +426,23 @@ async def run_prediction(
     request = PredictRequest(
         info=entry.info,
         images=images,
-        adapt=adapt,
+        adapt=adapt and not entry.info.frozen,
         source=source,
         top_k=top_k,
         drift=drift,
         deadline=loop.time() + settings.request_timeout_s,
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
     )
     result = await runtime.batcher.submit(request)
     require_finite(result, entry.info.id)
-    registry.record(entry, result.samples, result.signal)
+    result = dataclasses.replace(result, request_id=request_id)
+    if result.replayed:
+        return result
+    registry.record(entry, result.samples, result.signal, result.safety)
+    if entry.feedback is not None and result.source_classes is not None:
+        adapted = [p.classes[0] for p in result.predictions]
+        entry.feedback.log.add(request_id, adapted, result.source_classes)
     if result.stored is not None:
         try:
             await asyncio.wrap_future(result.stored)

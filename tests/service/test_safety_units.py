@@ -64,12 +64,13 @@ def test_feedback_window_counts_each_image_once_and_forgets_the_oldest() -> None
     feedback = Feedback(PredictionLog(2), FeedbackWindow(3))
     feedback.log.add("a", adapted=[1, 2], source=[1, 0])
     feedback.log.add("b", adapted=[3], source=[3])
-    assert feedback.score([("a", 0, 1), ("a", 1, 2), ("a", 1, 2)]) == (2, 1)
+    first = feedback.score([("a", 0, 1), ("a", 1, 2), ("a", 1, 2)])
+    assert (first.scored, first.duplicates, first.adapted_right, first.source_right) == (2, 1, 2, 1)
     accuracy = feedback.window.accuracy()
     assert (accuracy.labels, accuracy.adapted, accuracy.source) == (2, 1.0, 0.5)
-    assert feedback.score([("b", 0, 0)]) == (1, 0)
+    assert feedback.score([("b", 0, 0)]).scored == 1
     feedback.log.add("c", adapted=[0], source=[0])
-    assert feedback.score([("c", 0, 0)]) == (1, 0)
+    assert feedback.score([("c", 0, 0)]).scored == 1
     accuracy = feedback.window.accuracy()  # a0 left the window: a1 (1, 0), b0 (0, 0), c0 (1, 1)
     assert (accuracy.labels, accuracy.adapted, accuracy.source) == (3, 2 / 3, 1 / 3)
     assert accuracy.labels_total == 4

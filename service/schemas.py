@@ -38,7 +38,21 @@ EXAMPLE_STREAM: dict[str, Any] = {
     "seed": 790830303792131887,
     "created_at": 1796228572.14,
     "ttl_seconds": 3600.0,
+    "auto_reset": None,
+    "feedback": False,
+    "snapshots": 0,
+    "frozen": False,
     "samples": 0,
+    "auto_resets": 0,
+    "last_auto_reset": None,
+    "accuracy": None,
+}
+EXAMPLE_ACCURACY: dict[str, Any] = {
+    "labels": 640,
+    "adapted": 0.62,
+    "source": 0.41,
+    "gain": 0.21,
+    "labels_total": 2560,
 }
 
 
@@ -149,7 +163,10 @@ def safety_options(body: BaseModel, names: tuple[str, ...]) -> dict[str, Any]:
 class StreamFork(BaseModel):
     """A copy of a stream: its id and what differs from the original (absent: the same)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"id": "cam-1-b", "feedback": True, "snapshots": 4}]},
+    )
 
     id: str | None = Field(
         default=None,
@@ -216,6 +233,12 @@ class FeedbackCreate(BaseModel):
 class FeedbackPublic(BaseModel):
     """What the labels did: how many were scored, and the stream's live accuracy now."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"scored": 64, "duplicates": 0, "accuracy": EXAMPLE_ACCURACY}]
+        }
+    )
+
     scored: int
     duplicates: int = Field(description="images labelled before: not counted again")
     accuracy: LiveAccuracy
@@ -231,13 +254,17 @@ class SnapshotPublic(BaseModel):
 class SnapshotsPublic(BaseModel):
     """A stream's kept snapshots, oldest first (kept in memory: a restart empties them)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"data": [{"samples": 512, "taken_at": 1796228590.5}]}]}
+    )
+
     data: list[SnapshotPublic]
 
 
 class RollbackRequest(BaseModel):
     """Which snapshot to roll back to: the one at ``samples`` images, or the last one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"samples": 512}]})
 
     samples: int | None = None
 

@@ -6,7 +6,9 @@ the stream's record and the predict route.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Body, status
 
 from service.api.deps import RegistryDep
 from service.api.openapi import LOADED_STREAM_ERRORS, STREAM_ERRORS, v1_errors
@@ -96,14 +98,15 @@ async def post_feedback(
     ),
 )
 async def fork_stream(
-    stream_id: StreamIdPath, registry: RegistryDep, body: StreamFork | None = None
+    stream_id: StreamIdPath,
+    registry: RegistryDep,
+    body: Annotated[StreamFork, Body(default_factory=StreamFork)],
 ) -> StreamPublic:
     """A new stream with a copy of this one's state: A/B a configuration on the same traffic.
 
     Same model, adapter and config; ``ttl_seconds`` and the safety fields (``auto_reset``,
     ``feedback``, ``snapshots``, ``frozen``) can differ, and are the original's when absent.
     """
-    body = body or StreamFork()
     return stream_public(await registry.fork(stream_id, body.id, body.options()))
 
 
@@ -132,8 +135,9 @@ async def list_snapshots(stream_id: StreamIdPath, registry: RegistryDep) -> Snap
     responses=v1_errors(*LOADED_STREAM_ERRORS, InvalidRequestError, SnapshotNotFoundError),
 )
 async def roll_back(
-    stream_id: StreamIdPath, registry: RegistryDep, body: RollbackRequest | None = None
+    stream_id: StreamIdPath,
+    registry: RegistryDep,
+    body: Annotated[RollbackRequest, Body(default_factory=RollbackRequest)],
 ) -> StreamPublic:
     """Give the stream a kept snapshot's state: the one at ``samples`` images, or the last."""
-    samples = body.samples if body is not None else None
-    return stream_public(await registry.roll_back(stream_id, samples))
+    return stream_public(await registry.roll_back(stream_id, body.samples))

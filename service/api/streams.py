@@ -34,6 +34,7 @@ from service.errors import (
     CapacityError,
     DeadlineExceededError,
     ForwardError,
+    IdempotencyKeyReusedError,
     InvalidConfigError,
     InvalidImageError,
     InvalidInputError,
@@ -99,6 +100,7 @@ PREDICT_ERRORS = (
     QueueFullError,
     DeadlineExceededError,
     ForwardError,
+    IdempotencyKeyReusedError,
 )
 
 # A drift report (shortened to two BN layers; a real one has one value per layer).

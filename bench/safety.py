@@ -45,38 +45,34 @@ def rows_for(
     pool: Pool,
     protocol_name: str,
     args: argparse.Namespace,
-    policy: AutoResetPolicy,
+    policies: dict[str, AutoResetPolicy],
 ) -> list[list[str]]:
-    """One table row per adapter: error without and with auto-reset, the gain, the resets."""
+    """One row per adapter and policy: error without and with it, the change, the resets."""
     protocol = build_protocol(protocol_name, pool.domains, pool.labels, args.seed, args.batch)
     plain = [variant(name) for name in args.adapters]
     guarded = [
-        Variant(f"{v.label}+auto_reset", v.adapter, v.config, auto_reset=policy) for v in plain
+        (off, Variant(f"{off.label}+{name}", off.adapter, off.config, auto_reset=policy))
+        for off in plain
+        for name, policy in policies.items()
     ]
     resets: dict[str, int] = {}
+    variants = [*plain, *(on for _, on in guarded)]
     predictions = run_protocol(
-        engine,
-        normalizer,
-        pool,
-        protocol,
-        [*plain, *guarded],
-        args.max_batch,
-        protocol_name,
-        resets,
+        engine, normalizer, pool, protocol, variants, args.max_batch, protocol_name, resets
     )
 
     def mean_error(label: str) -> float:
-        return float(
-            np.nanmean(error_rates(predictions[label], pool.labels, pool.domains, len(pool.names)))
-        )
+        errors = error_rates(predictions[label], pool.labels, pool.domains, len(pool.names))
+        return float(np.nanmean(errors))
 
     rows = []
-    for off, on in zip(plain, guarded, strict=True):
+    for off, on in guarded:
         before, after = mean_error(off.label), mean_error(on.label)
         rows.append(
             [
                 protocol_name,
                 off.label,
+                on.label.split("+", 1)[1],
                 fmt(before, 2),
                 fmt(after, 2),
                 f"{after - before:+.2f}",
@@ -86,17 +82,35 @@ def rows_for(
     return rows
 
 
+def parse_policies(items: list[str]) -> dict[str, AutoResetPolicy]:
+    """``NAME=JSON`` policies by name (none: the recommended preset)."""
+    if not items:
+        return {"recommended": RECOMMENDED}
+    policies = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        policies[name] = AutoResetPolicy.model_validate_json(text)
+    return policies
+
+
 def main() -> None:
     """Run the protocols and write the section."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cifar10_resnet20")
     p.add_argument("--n", type=int, default=200, help="images per corruption (continual)")
-    p.add_argument("--dirichlet-n", type=int, default=500, help="images per corruption (dirichlet)")
+    p.add_argument("--dirichlet-n", type=int, default=400, help="images per corruption (dirichlet)")
+    p.add_argument("--dirichlet-corruptions", type=int, default=0, help="the first N only (0: all)")
     p.add_argument("--severity", type=int, default=5)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--adapters", nargs="+", default=list(ADAPTERS))
     p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
-    p.add_argument("--policy", default=None, help="auto-reset policy as JSON (default: preset)")
+    p.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="an auto-reset policy to measure (repeatable; default: the recommended preset)",
+    )
     p.add_argument("--corruptions", nargs="+", choices=list(CORRUPTIONS), default=list(CORRUPTIONS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -115,29 +129,41 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    policy = (
-        RECOMMENDED if args.policy is None else AutoResetPolicy.model_validate_json(args.policy)
-    )
+    policies = parse_policies(args.policy)
     model, spec = create_model(args.model, cache_dir=args.cache_dir)
     engine = Engine(model, name=args.model, num_classes=10, device=device, capacity=1024)
     normalizer = Normalizer(spec)
     rows = []
+    corruptions = args.corruptions
     for name in args.protocols:
-        pool = load_pool(
-            args, args.severity, device, args.dirichlet_n if name == "dirichlet" else args.n
-        )
-        rows += rows_for(engine, normalizer, pool, name, args, policy)
+        n = args.n
+        if name == "dirichlet":
+            n = args.dirichlet_n
+            args.corruptions = corruptions[: args.dirichlet_corruptions or None]
+        pool = load_pool(args, args.severity, device, n)
+        args.corruptions = corruptions
+        rows += rows_for(engine, normalizer, pool, name, args, policies)
         log.info("%s done", name)
     body = "\n".join(
         [
             f"Machine: {machine(device)}. Command: `{command_line()}`.",
             "",
             f"Model {args.model}, severity {args.severity}, B = {args.batch}; continual: "
-            f"{args.n} images per corruption, label-correlated (Dirichlet): {args.dirichlet_n}. "
-            f"Policy: `{policy.model_dump_json()}`.",
+            f"{args.n} images per corruption; label-correlated (Dirichlet): {args.dirichlet_n} "
+            "per corruption. Error % is the mean over the corruptions. Policies:",
+            "",
+            *(f"- {name}: `{policy.model_dump_json()}`" for name, policy in policies.items()),
             "",
             table(
-                ["protocol", "adapter", "error % off", "error % auto-reset", "change", "resets"],
+                [
+                    "protocol",
+                    "adapter",
+                    "policy",
+                    "error % off",
+                    "error % with",
+                    "change",
+                    "resets",
+                ],
                 rows,
             ),
         ]

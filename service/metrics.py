@@ -576,7 +576,7 @@ class Metrics:
         self.auto_resets = Counter(
             "auto_resets",
             "Streams reset (or rolled back to a snapshot) by their auto-reset policy",
-            ["model", "reason", "action"],
+            ["model", "cause", "action"],
             namespace=NAMESPACE,
             registry=registry,
         )

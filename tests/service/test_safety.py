@@ -105,7 +105,7 @@ def test_auto_reset_resets_a_collapsed_stream_and_counts_it(client: httpx.Client
     created = create(client, "ar-reset", auto_reset=ALWAYS_COLLAPSED)
     assert created["auto_reset"]["entropy_low"] == 1.0
     assert created["auto_reset"]["action"] == "reset"
-    before = metric(client, "tta_auto_resets_total", reason="entropy_collapse", action="reset")
+    before = metric(client, "tta_auto_resets_total", cause="entropy_collapse", action="reset")
     first = predict(client, "ar-reset", random_pixels(4, 1)).json()
     assert (first["samples"], first["auto_reset"]) == (4, None)  # 4 images: below min_images
     second = predict(client, "ar-reset", random_pixels(4, 2)).json()
@@ -117,7 +117,7 @@ def test_auto_reset_resets_a_collapsed_stream_and_counts_it(client: httpx.Client
     fresh = create(client, "ar-fresh", auto_reset=ALWAYS_COLLAPSED)
     assert fresh["seed"] != created["seed"]
     assert (
-        metric(client, "tta_auto_resets_total", reason="entropy_collapse", action="reset")
+        metric(client, "tta_auto_resets_total", cause="entropy_collapse", action="reset")
         == before + 1
     )
     assert metric(client, "tta_stream_auto_resets", stream="ar-reset") == 1

@@ -63,11 +63,11 @@ class AutoResetPolicy(BaseModel):
 
 RECOMMENDED = AutoResetPolicy(
     action="reset",
-    min_images=256,
+    min_images=128,
     entropy_low=0.05,
     dominant_share=0.9,
     confidence_low=0.0,
-    drift_jump=2.0,
+    drift_jump=1.3,
 )
 """The preset ``"auto_reset": "recommended"`` (measured in docs/safety.md)."""
 

@@ -138,7 +138,7 @@ def test_auto_reset_can_roll_back_to_the_last_good_snapshot(client: httpx.Client
 
 def test_recommended_preset_and_invalid_policies(client: httpx.Client) -> None:
     created = create(client, "ar-preset", auto_reset="recommended")
-    assert created["auto_reset"]["drift_jump"] == 2.0
+    assert created["auto_reset"]["drift_jump"] == 1.3
     for body, field in (
         ({"auto_reset": "bold"}, "auto_reset"),
         ({"auto_reset": {"entropy_low": 2}}, "entropy_low"),

@@ -47,8 +47,9 @@ from adapters import get_adapter
 from bench.corruptions import CORRUPTIONS
 from bench.data import load_cifar10, load_cifar10c
 from bench.report import command_line, fmt, machine, table, write_section
-from engine.core import Engine
+from engine.core import Engine, StreamHandle
 from models import Normalizer, create_model
+from service.safety import AutoResetPolicy, Watch, check
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Variant:
     label: str
     adapter: str
     config: tuple[tuple[str, object], ...] = ()
+    auto_reset: AutoResetPolicy | None = None  # the server's auto-reset check after each batch
 
     @property
     def config_dict(self) -> dict:
@@ -286,11 +288,14 @@ def run_protocol(
     variants: Sequence[Variant],
     max_batch: int,
     desc: str = "",
+    resets: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Predicted class per pool row for every variant (-1 where the protocol shows no image).
 
     Every (variant, stream) pair is a lane: lanes are packed into forwards of at most
     ``max_batch`` images, one engine segment per lane, and advance one batch per forward.
+    A variant with an auto-reset policy is checked after each batch; ``resets`` (if given)
+    receives its number of auto-resets by label.
     """
     lanes = [(v, s) for v in variants for s in range(len(protocol.streams))]
     predictions = {v.label: np.full(len(pool.labels), -1, dtype=np.int64) for v in variants}
@@ -305,6 +310,7 @@ def run_protocol(
                 )
                 for v, s in group
             ]
+            watches = [Watch() for _ in group]
             try:
                 for step in range(max(len(protocol.streams[s]) for _, s in group)):
                     active = [
@@ -316,6 +322,7 @@ def run_protocol(
                     x = normalizer(pool.images[torch.from_numpy(rows).to(pool.images.device)])
                     segments = [(handles[i], len(b)) for i, b in active]
                     labels = engine.forward(x, segments).logits.argmax(1).cpu().numpy()
+                    auto_reset(engine, [(group[i][0], handles[i], watches[i]) for i, _ in active])
                     start = 0
                     for i, b in active:
                         predictions[group[i][0].label][b] = labels[start : start + len(b)]
@@ -324,7 +331,23 @@ def run_protocol(
             finally:
                 for handle in handles:
                     engine.close_stream(handle)
+                for (v, _), watch in zip(group, watches, strict=True):
+                    if resets is not None and v.auto_reset is not None:
+                        resets[v.label] = resets.get(v.label, 0) + watch.resets
     return predictions
+
+
+def auto_reset(engine: Engine, lanes: Sequence[tuple[Variant, StreamHandle, Watch]]) -> None:
+    """Reset the lanes whose variant's auto-reset policy fires after this batch (as the server)."""
+    checked = [(v.auto_reset, h, w) for v, h, w in lanes if v.auto_reset is not None]
+    if not checked:
+        return
+    summaries = engine.drift_summaries([handle for _, handle, _ in checked])
+    for (policy, handle, watch), summary in zip(checked, summaries, strict=True):
+        if policy is not None and check(policy, summary, watch) is not None:
+            engine.reset_stream(handle)
+            watch.resets += 1
+            watch.baseline = None
 
 
 def error_rates(

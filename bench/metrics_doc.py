@@ -34,6 +34,7 @@ from service.metrics import (
     TROUBLE_REASONS,
     TroubleThresholds,
 )
+from service.safety import RESET_ACTIONS, RESET_REASONS
 from service.settings import Settings
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
@@ -47,6 +48,9 @@ FIXED_LABELS = {
     "kind": ("allocated", "reserved"),
     "adapted": ("true", "false"),
     "operation": STORE_OPERATIONS,
+    "cause": RESET_REASONS,
+    "action": RESET_ACTIONS,
+    "prediction": ("adapted", "source"),
 }
 # Suffixes of the sample names each type exposes (the family name is the prefix).
 SUFFIXES = {
@@ -112,6 +116,20 @@ READING = {
     "`max_state_bytes` or delete idle streams.",
     "tta_gpu_memory_bytes": "GPU memory of this process (CUDA only).",
     "tta_gpu_utilization_ratio": "GPU busy share from NVML (CUDA only, and only with pynvml).",
+    # Stream safety (docs/safety.md).
+    "tta_auto_resets": "Auto-resets by cause and action (reset, rollback): a rising "
+    "`drift_jump` rate is domain changes, a collapse reason is adaptation gone wrong.",
+    "tta_idempotent_replays": "Predictions answered again for a retried Idempotency-Key "
+    "(the stream did not adapt twice): client retries, e.g. after timeouts or a restart.",
+    "tta_feedback_labels": "True labels received over `POST /v1/streams/{id}/feedback`.",
+    "tta_feedback_correct": "Labelled images whose adapted / source prediction was right: "
+    "fleet accuracy is `rate(tta_feedback_correct_total[1h]) / ignoring(prediction) "
+    "group_left rate(tta_feedback_labels_total[1h])`.",
+    "tta_stream_feedback_accuracy": "The stream's live accuracy, adapted vs source, over its "
+    "last labelled images: adapted below source means adaptation hurts this stream.",
+    "tta_stream_feedback_labels": "Labelled images behind the stream's live accuracy "
+    "(few labels: a noisy accuracy).",
+    "tta_stream_auto_resets": "Auto-resets of the stream since its creation.",
 }
 PROCESS_READING = "The client library's process and Python collectors (this process only)."
 UNITS = {
@@ -129,6 +147,7 @@ UNITS = {
     "tta_stream_confidence": "0-1",
     "tta_fleet_stream_confidence": "0-1",
     "tta_stream_dominant_class_share": "0-1",
+    "tta_stream_feedback_accuracy": "0-1",
 }
 SUFFIX_UNITS = (
     ("_timestamp_seconds", "unix time (s)"),
@@ -186,10 +205,34 @@ async def _exercise(model_cache: Path) -> list[Metric]:
                     headers={"content-type": "application/octet-stream"},
                 ),
                 await client.post(f"/v2/models/{model}/infer", json=infer),
+                *await _exercise_safety(client, pixels),
                 await client.get("/metrics"),
             ):
                 response.raise_for_status()
             return list(app.state.tta.metrics.registry.collect())
+
+
+async def _exercise_safety(client: httpx.AsyncClient, pixels: np.ndarray) -> list[httpx.Response]:
+    """A stream with feedback, and an auto-reset policy that fires: the safety families."""
+    policy = {"entropy_low": 1.0, "min_images": 1}
+    created = await client.post(
+        "/v1/streams", json={"id": "doc-safety", "feedback": True, "auto_reset": policy}
+    )
+    predicted = await client.post(
+        "/v1/streams/doc-safety/predict",
+        content=pixels.tobytes(),
+        params={"shape": "8,3,32,32"},
+        headers={"content-type": "application/octet-stream", "Idempotency-Key": "doc"},
+    )
+    replayed = await client.post(
+        "/v1/streams/doc-safety/predict",
+        content=pixels.tobytes(),
+        params={"shape": "8,3,32,32"},
+        headers={"content-type": "application/octet-stream", "Idempotency-Key": "doc"},
+    )
+    label = {"request_id": "doc", "index": 0, "label": 0}
+    feedback = await client.post("/v1/streams/doc-safety/feedback", json={"labels": [label]})
+    return [created, predicted, replayed, feedback]
 
 
 def family_rows(families: list[Metric]) -> list[tuple[str, str, str, str, str, str]]:

@@ -88,6 +88,7 @@ class ForwardResult:
     problems: Tensor  # [segments, 2, parts] bool, on the device, in group order
     order: list[int]
     parts: list[str]
+    source_logits: Tensor | None = None  # [rows of the ``source`` segments, C], in their order
 
     def refusals(self) -> list[str | None]:
         """Per segment, in the caller's order: None if it was committed, else why it was not.
@@ -120,17 +121,29 @@ def _reason(row: Tensor, parts: list[str]) -> str | None:
 
 
 class _Batch:
-    """The forward in progress: answers the norm layers and stages the new states."""
+    """The forward in progress: answers the norm layers and stages the new states.
 
-    def __init__(self, layers: Sequence[NormLayer], groups: list[_Group], window: Tensor) -> None:
+    The last ``source_rows`` rows of the batch are copies of images to be normalised with the
+    source statistics: their source predictions come out of the same forward.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[NormLayer],
+        groups: list[_Group],
+        window: Tensor,
+        source_rows: int = 0,
+    ) -> None:
         self.layers = layers
         self.groups = groups
         self.window = window
+        self.source_rows = source_rows
 
     def statistics(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-image (mean, var) for input ``x`` of BN layer ``index``; stages the new states."""
         source = self.layers[index].source
-        sample_mean, sample_var = instance_moments(x, source.mean)
+        adapted = x.shape[0] - self.source_rows
+        sample_mean, sample_var = instance_moments(x[:adapted], source.mean)
         pixels = x.shape[2] * x.shape[3]
         means, variances = [], []
         for group in self.groups:
@@ -155,7 +168,10 @@ class _Batch:
                 mean, var = moments.per_image(mean), moments.per_image(var)
             means.append(mean)
             variances.append(var)
-        if len(self.groups) == 1:
+        if self.source_rows:
+            means.append(source.mean.float().expand(self.source_rows, -1))
+            variances.append(source.var.float().expand(self.source_rows, -1))
+        if len(means) == 1:
             return means[0], variances[0]
         return torch.cat([m.float() for m in means]), torch.cat([v.float() for v in variances])
 
@@ -430,13 +446,16 @@ class Engine:
         images: Tensor,
         segments: Sequence[tuple[StreamHandle, int]],
         adapt: bool | Sequence[bool] = True,
+        source: Sequence[bool] = (),
     ) -> ForwardResult:
         """Logits for a batch cut into stream segments ``(stream, number of images)``, in order.
 
         Each stream may appear once per call. With ``adapt`` False for a segment its stream is
         normalised with its current state and left unchanged. A segment whose new state would
         not be finite or valid, or whose logits are not finite, is refused: its stream keeps
-        its state, and ``result.refusals()`` says why.
+        its state, and ``result.refusals()`` says why. The segments flagged in ``source`` also
+        get the unadapted model's logits (``result.source_logits``) from the same forward: their
+        images run a second time in the batch, normalised with the source statistics.
         """
         flags = [adapt] * len(segments) if isinstance(adapt, bool) else list(adapt)
         if sum(count for _, count in segments) != images.shape[0]:
@@ -445,23 +464,48 @@ class Engine:
             raise ValueError("a stream may appear only once per forward")
         order, groups = self._plan(segments, flags)
         x = images.to(self.device, non_blocking=True)
-        if self.cuda_graphs and self.device.type == "cuda":
+        source_rows = self._source_rows(segments, source)
+        if source_rows is not None:  # a layout of its own: not captured, run eagerly
+            logits, problems, source_logits = self._run(x, order, groups, True, source_rows)
+        elif self.cuda_graphs and self.device.type == "cuda":
             logits, problems = self._replay(x, order, groups)
+            source_logits = None
         else:
-            logits, problems = self._run(x, order, groups, commit=True)
+            logits, problems, source_logits = self._run(x, order, groups, commit=True)
         indices = [index for group in groups for index in group.indices]
-        return ForwardResult(logits, problems, indices, self.parts)
+        return ForwardResult(logits, problems, indices, self.parts, source_logits)
+
+    def _source_rows(
+        self, segments: Sequence[tuple[StreamHandle, int]], source: Sequence[bool]
+    ) -> Tensor | None:
+        """The batch rows of the segments flagged in ``source``, in order (None: no flag)."""
+        rows: list[int] = []
+        start = 0
+        for (_, count), flag in zip(segments, source, strict=False):
+            if flag:
+                rows.extend(range(start, start + count))
+            start += count
+        return self._to_device(rows, torch.int64) if rows else None
 
     def _run(
-        self, x: Tensor, order: Tensor | None, groups: list[_Group], commit: bool
-    ) -> tuple[Tensor, Tensor]:
-        """The adapted forward of a planned batch: its logits and its streams' problems.
+        self,
+        x: Tensor,
+        order: Tensor | None,
+        groups: list[_Group],
+        commit: bool,
+        source_rows: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The adapted forward of a planned batch: its logits, its streams' problems, and the
+        source logits of ``source_rows`` (copies of those rows appended to the batch).
 
         Stream states change only if ``commit``, and then only the rows without a problem.
         """
+        extra = None if source_rows is None else x.index_select(0, source_rows)
         if order is not None:
             x = x.index_select(0, order)
-        batch = _Batch(self.layers, groups, self.window)
+        if extra is not None:
+            x = torch.cat([x, extra])
+        batch = _Batch(self.layers, groups, self.window, 0 if extra is None else extra.shape[0])
         for group in groups:
             group.layers, group.head, group.hparams = group.pool.gather(group.slots)
             group.broken = {}
@@ -469,6 +513,9 @@ class Engine:
             group.members = (streams[:, None] == group.segment[None, :]).double()
         with self._autocast():
             logits = self.network.forward(x, batch).float()
+        source_logits = None
+        if extra is not None:
+            logits, source_logits = logits[: -extra.shape[0]], logits[-extra.shape[0] :]
         problems = [self._problems(group, logits[group.start : group.stop]) for group in groups]
         # Only now, with the whole batch computed, do the streams' states change.
         if commit:
@@ -478,7 +525,7 @@ class Engine:
                     group.pool.commit(group.slots, group.layers, group.head, keep)
         if order is not None:
             logits = torch.empty_like(logits).index_copy_(0, order, logits)
-        return logits, torch.cat(problems)
+        return logits, torch.cat(problems), source_logits
 
     def _problems(self, group: _Group, logits: Tensor) -> Tensor:
         """The group's streams' problems ``[S, 2, parts]``: staged states, then logits.
@@ -623,7 +670,9 @@ class _CapturedForward:
         torch.cuda.current_stream(engine.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits, self.problems = engine._run(self.x, self.order, self.groups, commit=True)
+            self.logits, self.problems, _ = engine._run(
+                self.x, self.order, self.groups, commit=True
+            )
 
     def replay(
         self, x: Tensor, order: Tensor | None, groups: list[_Group]

@@ -202,6 +202,33 @@ class StreamConflictError(ServiceError):
         super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
 
 
+# --- stream safety (docs/safety.md) ---
+
+
+class SnapshotNotFoundError(ServiceError):
+    """The stream keeps no snapshot to roll back to (or none at the given sample count)."""
+
+    status, code = 404, "snapshot_not_found"
+
+
+class IdempotencyKeyReusedError(ServiceError):
+    """An Idempotency-Key sent again with a different request (body or parameters)."""
+
+    status, code = 422, "idempotency_key_reused"
+
+
+class FeedbackOffError(ServiceError):
+    """Labels sent to a stream that does not keep feedback (create it with feedback on)."""
+
+    status, code = 409, "feedback_off"
+
+
+class PredictionNotFoundError(ServiceError):
+    """A label for a request (or image) the stream does not remember."""
+
+    status, code = 404, "prediction_not_found"
+
+
 # Errors of the core packages: exception type -> (status, code). The first match wins, so a
 # subclass must come before its base.
 DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [

@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from starlette.middleware.gzip import GZipMiddleware
 
 from models import ModelError
-from service.api import catalog, oip, streams
+from service.api import catalog, oip, safety, streams
 from service.api import metrics as metrics_api
 from service.api.deps import AppState
 from service.api.openapi import DOCS_ASSETS_URL, docs_assets, docs_router, install_openapi
@@ -41,6 +41,7 @@ from service.middleware import (
     ServedByMiddleware,
 )
 from service.runtime import load_runtime, resolve_device
+from service.safety import SafetyLimits
 from service.scheduler import Batcher
 from service.schemas import Base64Images
 from service.settings import OnnxModel, Settings, UserModel, unknown_variables
@@ -93,6 +94,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     # every stream route needs a key (when authentication is on), a route added later included;
     # each route then names its stream through streams.ReadKey or streams.WriteKey (its role)
     app.include_router(streams.router, prefix="/v1/streams", dependencies=[AUTHENTICATED])
+    app.include_router(safety.router, prefix="/v1/streams", dependencies=[AUTHENTICATED])
     app.include_router(catalog.models_router, prefix="/v1/models", dependencies=[READ])
     app.include_router(catalog.adapters_router, prefix="/v1/adapters", dependencies=[READ])
     app.include_router(oip.router)
@@ -237,6 +239,14 @@ async def _start(state: AppState, store: StateStore) -> None:
         sync=settings.durability == "sync",
         default_ttl_s=settings.stream_ttl_s,
         metrics=metrics,
+        limits=SafetyLimits(
+            idempotency_max_keys=settings.idempotency_max_keys,
+            idempotency_window_s=settings.idempotency_window_s,
+            feedback_window=settings.feedback_window,
+            feedback_max_requests=settings.feedback_max_requests,
+            max_snapshots=settings.max_snapshots,
+            snapshot_interval_images=settings.snapshot_interval_images,
+        ),
     )
     restored = await asyncio.to_thread(registry.restore)
     logger.info("restored %d streams from the %s store", restored, settings.store)

@@ -32,6 +32,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.feedback import Accuracy
+
 NAMESPACE = "tta"
 STAGES = ("queue", "decode", "forward", "store")
 STORE_OPERATIONS = ("get", "put", "delete")
@@ -101,6 +103,8 @@ class ObservedStream:
     adapter: str
     samples: int
     signal: StreamSignal | None
+    auto_resets: int = 0
+    accuracy: Accuracy | None = None  # live accuracy from label feedback (feedback on)
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,48 @@ class StreamsCollector(Collector):
             by_adapter.add_metric([model, adapter], count)
         yield by_adapter
         yield from self._top(observed)
+        yield from self._safety(streams)
+
+    def _safety(self, streams: list[ObservedStream]) -> Iterator[Metric]:
+        """Per-stream live accuracy and auto-reset counts (docs/safety.md), top-K each.
+
+        Accuracy: the streams with labels whose adaptation helps least (adapted minus source
+        accuracy, lowest first); auto-resets: the streams reset most often.
+        """
+        labels = ["model", "stream"]
+        accuracy = GaugeMetricFamily(
+            f"{NAMESPACE}_stream_feedback_accuracy",
+            "Accuracy of the stream's adapted and source predictions over its last labelled "
+            "images (label feedback); top-K by lowest gain of adapted over source",
+            labels=[*labels, "prediction"],
+        )
+        labelled = GaugeMetricFamily(
+            f"{NAMESPACE}_stream_feedback_labels",
+            "Labelled images in the stream's live accuracy window; top-K as the accuracy",
+            labels=labels,
+        )
+        resets = GaugeMetricFamily(
+            f"{NAMESPACE}_stream_auto_resets",
+            "Auto-resets of the stream since creation; top-K by count",
+            labels=labels,
+        )
+        scored = [
+            (s, s.accuracy)
+            for s in streams
+            if s.accuracy is not None and s.accuracy.adapted is not None
+        ]
+        scored.sort(key=lambda item: ((item[1].adapted or 0) - (item[1].source or 0), item[0].id))
+        for stream, window in scored[: self._k]:
+            key = [stream.model, stream.id]
+            accuracy.add_metric([*key, "adapted"], window.adapted or 0.0)
+            accuracy.add_metric([*key, "source"], window.source or 0.0)
+            labelled.add_metric(key, window.labels)
+        reset = sorted((s for s in streams if s.auto_resets), key=lambda s: (-s.auto_resets, s.id))
+        for stream in reset[: self._k]:
+            resets.add_metric([stream.model, stream.id], stream.auto_resets)
+        yield accuracy
+        yield labelled
+        yield resets
 
     def _fleet(self, observed: list[tuple[ObservedStream, StreamSignal]]) -> Iterator[Metric]:
         drift = _gauge_histogram(
@@ -526,6 +572,35 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        # Stream safety (docs/safety.md).
+        self.auto_resets = Counter(
+            "auto_resets",
+            "Streams reset (or rolled back to a snapshot) by their auto-reset policy",
+            ["model", "cause", "action"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.idempotent_replays = Counter(
+            "idempotent_replays",
+            "Predictions answered from an earlier request with the same Idempotency-Key",
+            ["model"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.feedback_labels = Counter(
+            "feedback_labels",
+            "True labels received for earlier predictions (label feedback)",
+            ["model"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.feedback_correct = Counter(
+            "feedback_correct",
+            "Labelled images whose adapted or source prediction was right",
+            ["model", "prediction"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         for operation in STORE_OPERATIONS:  # a zero series from the start: rate() works at once
             self.store_errors.labels(operation)
         # The client library's process_* and python_* metrics, in this app's own registry.
@@ -542,10 +617,14 @@ class Metrics:
             self.batch_images,
             self.batch_requests,
             self.state_memory_refusals,
+            self.idempotent_replays,
+            self.feedback_labels,
         ):
             metric.labels(model)
         for stage in STAGES:
             self.stage_latency.labels(model, stage)
+        for prediction in ("adapted", "source"):
+            self.feedback_correct.labels(model, prediction)
 
     def track_streams(
         self,

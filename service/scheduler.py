@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -27,14 +28,16 @@ from service.errors import (
     CapacityError,
     DeadlineExceededError,
     ForwardError,
+    IdempotencyKeyReusedError,
     InvalidTensorError,
     QueueFullError,
     UnavailableError,
 )
+from service.idempotency import Remembered
 from service.metrics import Metrics, StreamSignal
 from service.predictions import PredictRequest, PredictResult, TopK
 from service.runtime import ModelRuntime
-from service.streams import Resident
+from service.streams import Resident, SafetyOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +256,11 @@ def run_batch(runtime: ModelRuntime, batch: list[PredictRequest], sync: bool) ->
         except Exception as error:  # this stream cannot be loaded: fail it alone, not the batch
             outcomes[index] = error
             continue
+        if request.idempotency_key is not None:
+            remembered = resident.requests.get(request.idempotency_key, time.time())
+            if remembered is not None:
+                outcomes[index] = _replay(runtime, request, remembered)
+                continue
         ready.append((index, request, resident))
     try:
         return _run_ready(runtime, ready, outcomes, sync)
@@ -282,20 +290,17 @@ def _run_ready(
         parts.append(runtime.to_device(torch.cat(inputs)))
     x = parts[0] if len(parts) == 1 else torch.cat(parts)
     segments = [(resident.handle, request.count) for _, request, resident in ready]
-    result = engine.forward(x, segments, adapt=[request.adapt for _, request, _ in ready])
-    logits = result.logits
-    source_rows = [
-        (start, request.count)
-        for start, (_, request, _) in zip(_starts(ready), ready, strict=True)
-        if request.source
-    ]
-    source_logits = None
-    if source_rows:
-        rows = torch.cat([torch.arange(s, s + n) for s, n in source_rows]).to(x.device)
-        source_logits = engine.forward_source(x.index_select(0, rows))
+    result = engine.forward(
+        x,
+        segments,
+        adapt=[request.adapt for _, request, _ in ready],
+        source=[request.source or request.info.feedback for _, request, _ in ready],
+    )
+    logits, source_logits = result.logits, result.source_logits
     k = min(max(r.top_k for _, r, _ in ready), engine.num_classes)
     top = _top_k(logits, k)
     source_top = _top_k(source_logits, k) if source_logits is not None else None
+    source_classes = source_top[1] if source_top is not None else None
     logits_cpu = logits.cpu()
     refusals = result.refusals()  # the forward is over: reading its flags back waits no more
     # The observer changes only when a stream adapts: only then are its signals new. Every
@@ -312,10 +317,12 @@ def _run_ready(
         _starts(ready), ready, refusals, strict=True
     ):
         stop = start + request.count
-        source_predictions = None
-        if source_top is not None and request.source:
+        source_predictions = feedback_classes = None
+        if source_classes is not None and (request.source or request.info.feedback):
             end = source_offset + request.count
-            source_predictions = _slice(source_top, source_offset, end, request.top_k)
+            if request.source and source_top is not None:
+                source_predictions = _slice(source_top, source_offset, end, request.top_k)
+            feedback_classes = [row[0] for row in source_classes[source_offset:end]]
             source_offset = end
         if refusal is not None:
             outcomes[index] = InvalidStateError(refusal)
@@ -327,23 +334,45 @@ def _run_ready(
                 "(the stream's state did adapt to them); send inputs within the model's range"
             )
             continue
-        stored = None
+        safety = None
+        samples = resident.samples + (request.count if request.adapt else 0)
         if request.adapt:
-            resident.samples += request.count
+            resident.samples = samples
             resident.signal = StreamSignal.of(summary or {}, now)
             resident.dirty = True
-            if sync:
-                stored = slots.persist(resident)
-        outcomes[index] = PredictResult(
+            reset = slots.after_adapt(resident, summary or {}, request.count)
+            snapshots = [(s.samples, s.taken_at) for s in resident.snapshots]
+            safety = SafetyOutcome(reset, resident.samples, resident.watch.resets, snapshots)
+        answer = PredictResult(
             predictions=_slice(top, start, stop, request.top_k),
             source_predictions=source_predictions,
             logits=logits_cpu[start:stop],
-            samples=resident.samples,
+            samples=samples,
             drift=summary if request.drift else None,
             signal=resident.signal,
-            stored=stored,
+            stored=None,
+            adapted=request.adapt,
+            source_classes=feedback_classes,
+            safety=safety,
         )
+        if request.idempotency_key is not None:  # stored with the state it made, in one write
+            remembered = Remembered(request.fingerprint, answer.to_json(), now)
+            resident.requests.put(request.idempotency_key, remembered)
+        if request.adapt and sync:
+            answer = dataclasses.replace(answer, stored=slots.persist(resident))
+        outcomes[index] = answer
     return [o if o is not None else DEFER for o in outcomes]
+
+
+def _replay(runtime: ModelRuntime, request: PredictRequest, remembered: Remembered) -> Outcome:
+    """The first answer of a request sent again with its Idempotency-Key; nothing changes."""
+    if remembered.fingerprint != request.fingerprint:
+        return IdempotencyKeyReusedError(
+            f"Idempotency-Key {request.idempotency_key!r} was used for a different request "
+            "(other images or parameters) on this stream; use a new key for a new request"
+        )
+    runtime.slots.metrics.idempotent_replays.labels(runtime.name).inc()
+    return PredictResult.replay(remembered.result, runtime.engine.num_classes)
 
 
 def _finite(predictions: list[TopK]) -> bool:

@@ -7,11 +7,12 @@ stream ``cam-1`` and a 32x32 PNG), so a client can send them as they are.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pydantic.dataclasses
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.safety import AutoResetPolicy, resolve_policy
 from service.stores import StreamInfo
 from service.streams import STREAM_ID
 
@@ -37,7 +38,21 @@ EXAMPLE_STREAM: dict[str, Any] = {
     "seed": 790830303792131887,
     "created_at": 1796228572.14,
     "ttl_seconds": 3600.0,
+    "auto_reset": None,
+    "feedback": False,
+    "snapshots": 0,
+    "frozen": False,
     "samples": 0,
+    "auto_resets": 0,
+    "last_auto_reset": None,
+    "accuracy": None,
+}
+EXAMPLE_ACCURACY: dict[str, Any] = {
+    "labels": 640,
+    "adapted": 0.62,
+    "source": 0.41,
+    "gain": 0.21,
+    "labels_total": 2560,
 }
 
 
@@ -107,6 +122,22 @@ class StreamCreate(BaseModel):
         allow_inf_nan=False,
         description="delete the stream after this long idle, in seconds (default: server's)",
     )
+    # Stream safety (docs/safety.md).
+    auto_reset: AutoResetPolicy | Literal["recommended"] | None = Field(
+        default=None,
+        description="auto-reset policy: a config, 'recommended' (the preset), or null (off)",
+    )
+    feedback: bool = Field(
+        default=False, description="keep live accuracy from label feedback (POST .../feedback)"
+    )
+    snapshots: int = Field(
+        default=0, ge=0, le=64, description="good states to keep for rollback (0: none)"
+    )
+    frozen: bool = Field(default=False, description="predict without updating the state")
+
+    def safety_options(self) -> dict[str, Any]:
+        """The safety fields of the stream's record (the policy resolved to its values)."""
+        return safety_options(self, ("auto_reset", "feedback", "snapshots", "frozen"))
 
 
 @pydantic.dataclasses.dataclass(
@@ -116,6 +147,131 @@ class StreamPublic(StreamInfo):
     """A stream as the API shows it: its record's info (``StreamInfo``) and its sample count."""
 
     samples: int = Field(description="images the stream has adapted to since creation or reset")
+    auto_resets: int = Field(default=0, description="auto-resets since creation")
+    last_auto_reset: AutoResetEvent | None = Field(
+        default=None, description="the last auto-reset since this server started"
+    )
+    accuracy: LiveAccuracy | None = Field(
+        default=None, description="live accuracy from label feedback (feedback on)"
+    )
+
+
+def safety_options(body: BaseModel, names: tuple[str, ...]) -> dict[str, Any]:
+    """The safety fields set in ``body`` (all of ``names`` given), as the record holds them."""
+    options = {name: getattr(body, name) for name in names if name in body.model_fields_set}
+    if "auto_reset" in options:
+        policy = resolve_policy(options["auto_reset"])
+        options["auto_reset"] = policy.model_dump() if policy is not None else None
+    return options
+
+
+class StreamFork(BaseModel):
+    """A copy of a stream: its id and what differs from the original (absent: the same)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"id": "cam-1-b", "feedback": True, "snapshots": 4}]},
+    )
+
+    id: str | None = Field(
+        default=None,
+        description=f"{STREAM_ID_DESCRIPTION}; generated when absent",
+        json_schema_extra={"pattern": STREAM_ID.pattern},
+    )
+    ttl_seconds: float | None = Field(
+        default=None, gt=0, le=MAX_TTL_S, strict=True, allow_inf_nan=False
+    )
+    auto_reset: AutoResetPolicy | Literal["recommended"] | None = None
+    feedback: bool | None = None
+    snapshots: int | None = Field(default=None, ge=0, le=64)
+    frozen: bool | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The record fields to change in the copy."""
+        names = ("ttl_seconds", "auto_reset", "feedback", "snapshots", "frozen")
+        options = safety_options(self, names)
+        return {k: v for k, v in options.items() if v is not None or k == "auto_reset"}
+
+
+class AutoResetEvent(BaseModel):
+    """An auto-reset: why and when."""
+
+    reason: str = Field(
+        description="entropy_collapse, dominant_class, confidence_collapse, drift_jump"
+    )
+    at: float = Field(description="Unix time")
+
+
+class LiveAccuracy(BaseModel):
+    """Accuracy of the stream's adapted and source predictions over its last labelled images."""
+
+    labels: int = Field(description="labelled images in the window")
+    adapted: float | None = Field(description="accuracy of the adapted predictions")
+    source: float | None = Field(description="accuracy of the source model's predictions")
+    gain: float | None = Field(description="adapted minus source: what adaptation brings")
+    labels_total: int = Field(description="labels received since the server started")
+
+
+class Label(BaseModel):
+    """The true class of one image of an earlier prediction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=255, description="the prediction's request_id")
+    index: int = Field(ge=0, description="the image's position in that request")
+    label: int | str = Field(description="the true class: its index or its label name")
+
+
+class FeedbackCreate(BaseModel):
+    """True labels for earlier predictions of the stream."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"labels": [{"request_id": "r-1f2e3d4c5b6a7980", "index": 0, "label": 3}]}]
+        },
+    )
+
+    labels: list[Label] = Field(min_length=1, max_length=10_000)
+
+
+class FeedbackPublic(BaseModel):
+    """What the labels did: how many were scored, and the stream's live accuracy now."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"scored": 64, "duplicates": 0, "accuracy": EXAMPLE_ACCURACY}]
+        }
+    )
+
+    scored: int
+    duplicates: int = Field(description="images labelled before: not counted again")
+    accuracy: LiveAccuracy
+
+
+class SnapshotPublic(BaseModel):
+    """A kept good state of a stream."""
+
+    samples: int = Field(description="the stream's sample count when it was taken")
+    taken_at: float = Field(description="Unix time")
+
+
+class SnapshotsPublic(BaseModel):
+    """A stream's kept snapshots, oldest first (kept in memory: a restart empties them)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"data": [{"samples": 512, "taken_at": 1796228590.5}]}]}
+    )
+
+    data: list[SnapshotPublic]
+
+
+class RollbackRequest(BaseModel):
+    """Which snapshot to roll back to: the one at ``samples`` images, or the last one."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"samples": 512}]})
+
+    samples: int | None = None
 
 
 class StreamsPublic(BaseModel):
@@ -205,6 +361,14 @@ class PredictResponse(BaseModel):
         default=None, description="the unadapted (source) model's predictions, with source=true"
     )
     drift: DriftSummary | None = Field(None, description="absent with drift=false")
+    request_id: str = Field(
+        default="",
+        description="names this request in label feedback: the Idempotency-Key, the "
+        "X-Request-ID header, or generated",
+    )
+    auto_reset: str | None = Field(
+        default=None, description="why the stream was auto-reset after this request, if it was"
+    )
 
 
 class Base64Images(BaseModel):

@@ -381,6 +381,26 @@ class Settings(BaseSettings):
             )
         return self
 
+    # --- stream safety (docs/safety.md) ---
+    idempotency_max_keys: int = Field(
+        default=32, ge=1, le=4096, description="Idempotency-Keys remembered per stream"
+    )
+    idempotency_window_s: float = Field(
+        default=3600.0, gt=0, description="how long an Idempotency-Key is remembered, in seconds"
+    )
+    feedback_window: int = Field(
+        default=1000, ge=1, description="labelled images in a stream's live accuracy window"
+    )
+    feedback_max_requests: int = Field(
+        default=1000, ge=1, description="requests per stream whose predictions can get labels"
+    )
+    max_snapshots: int = Field(
+        default=16, ge=0, description="most good states a stream may keep for rollback"
+    )
+    snapshot_interval_images: int = Field(
+        default=512, ge=1, description="adapted images between two snapshots of a stream"
+    )
+
     def pixel_limit(self, spec: ModelSpec) -> int:
         """The largest image (width x height) accepted for the model of ``spec``."""
         own = self.model_max_image_pixels.get(spec.name, spec.pixel_limit)

@@ -110,6 +110,20 @@ class StreamInfo:
         float | None, pydantic.Field(description="deleted after this long idle, in seconds")
     ]
     tenant: Annotated[str, pydantic.Field(description="the tenant that owns the stream")] = ""
+    # Stream safety (docs/safety.md).
+    auto_reset: Annotated[
+        dict[str, Any] | None,
+        pydantic.Field(description="auto-reset policy (service.safety.AutoResetPolicy); null: off"),
+    ] = None
+    feedback: Annotated[
+        bool, pydantic.Field(description="keep live accuracy from label feedback")
+    ] = False
+    snapshots: Annotated[
+        int, pydantic.Field(ge=0, description="good states kept for rollback (0: none)")
+    ] = 0
+    frozen: Annotated[bool, pydantic.Field(description="predict without updating the state")] = (
+        False
+    )
 
     def record(self, state: bytes) -> StreamRecord:
         """The store record of this stream with ``state``."""

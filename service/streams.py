@@ -22,6 +22,7 @@ on) is dropped and reloaded before the stream is served again (docs/scaling.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import re
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -40,17 +41,22 @@ from adapters.pool import PoolFullError, StateMemoryError
 from engine.core import Engine, PoolKey, StreamHandle
 from service.errors import (
     CapacityError,
+    InvalidConfigError,
     InvalidStreamIdError,
     ModelNotServedError,
     QuotaExceededError,
     ServiceError,
+    SnapshotNotFoundError,
     StoreUnavailableError,
     StreamConflictError,
     StreamExistsError,
     StreamNotFoundError,
     UnusableStateError,
 )
+from service.feedback import Feedback, FeedbackWindow, PredictionLog
+from service.idempotency import IdempotencyCache
 from service.metrics import Metrics, ObservedStream, StreamSignal
+from service.safety import RECOMMENDED, SafetyLimits, Snapshot, Watch, check, resolve_policy
 from service.stores import (
     NO_LEASE,
     Lease,
@@ -126,6 +132,19 @@ def attach_metadata(state: bytes, metadata: dict[str, Any]) -> bytes:
     )
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    return len(text).to_bytes(8, "little") + text + state[8 + size :]
+
+
+def without_metadata(state: bytes) -> bytes:
+    """The state without the service metadata: what the engine parses (its header bounded)."""
+    size = int.from_bytes(state[:8], "little")
+    try:
+        header = json.loads(state[8 : 8 + size])
+        header["__metadata__"].pop(SERVICE_METADATA_KEY)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return state
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + state[8 + size :]
 
 
@@ -319,6 +338,12 @@ class Resident:
     version: int = 0  # the stored version this copy is at (its newest write's, once applied)
     token: int = 0  # the fencing token of this replica's lease on the stream
     renew_at: float = math.inf  # when (monotonic) to renew the lease before serving again
+    # Safety (docs/safety.md): the auto-reset detector, the remembered Idempotency-Keys
+    # (stored with the state), the good states kept in memory for rollback.
+    watch: Watch = field(default_factory=Watch)
+    requests: IdempotencyCache = field(default_factory=lambda: IdempotencyCache(32, 3600.0))
+    snapshots: deque[Snapshot] = field(default_factory=deque)
+    since_snapshot: int = 0
 
 
 class StreamSlots:
@@ -339,6 +364,7 @@ class StreamSlots:
         self.max_streams = max_streams
         self.metrics = metrics
         self.resident: OrderedDict[str, Resident] = OrderedDict()
+        self.limits = SafetyLimits()  # set by the registry from the settings
 
     @property
     def model(self) -> str:
@@ -356,6 +382,7 @@ class StreamSlots:
         seed = info.seed if info.seed >= 0 else None
         handle = self._allocate(info, seed, pinned)
         resident = Resident(replace(info, seed=handle.seed), handle)
+        self._load_safety(resident, {})
         self._lease(resident, lease)
         self.resident[info.id] = resident
         self._count()
@@ -425,7 +452,7 @@ class StreamSlots:
         handle = self._allocate(info, info.seed, pinned)
         try:
             samples = samples_of(record.state)
-            handle = self.engine.import_stream(handle, record.state)
+            handle = self.engine.import_stream(handle, without_metadata(record.state))
         except StateMismatchError as error:
             self.engine.close_stream(handle)
             raise UnusableStateError(
@@ -433,6 +460,7 @@ class StreamSlots:
                 "reset the stream or import a state"
             ) from None
         resident = Resident(info, handle, samples, signal_of(record.state))
+        self._load_safety(resident, read_metadata(record.state))
         self._lease(resident, replace(lease, version=record.version))
         self.resident[info.id] = resident
         self._count()
@@ -474,7 +502,10 @@ class StreamSlots:
             try:
                 resident.samples = samples_of(before.state)
                 resident.signal = signal_of(before.state)
-                resident.handle = self.engine.import_stream(resident.handle, before.state)
+                resident.handle = self.engine.import_stream(
+                    resident.handle, without_metadata(before.state)
+                )
+                self._load_safety(resident, read_metadata(before.state))
                 resident.info = replace(resident.info, seed=resident.handle.seed)
                 resident.dirty = False
             except StateMismatchError:
@@ -494,16 +525,86 @@ class StreamSlots:
             self.engine.close_stream(resident.handle)
             self._count()
 
-    def export(self, resident: Resident) -> bytes:
-        """The stream's state with the service metadata (sample count, last signals).
+    def export(self, resident: Resident, requests: bool = True) -> bytes:
+        """The stream's state with the service metadata (sample count, last signals, ...).
 
         The signals travel with the state, so a restarted server (or another replica) publishes
-        a stream's last values before it sees the stream again.
+        a stream's last values before it sees the stream again. So do its auto-reset count and,
+        with ``requests``, its remembered Idempotency-Keys: stored in the same write as the
+        state they produced (an export for the API leaves them out).
         """
         metadata: dict[str, Any] = {"samples": resident.samples}
         if resident.signal is not None:
             metadata["signal"] = resident.signal.to_dict()
+        if resident.watch.resets:
+            metadata["auto_resets"] = resident.watch.resets
+        if requests and len(resident.requests):
+            metadata["requests"] = resident.requests.to_list()
         return attach_metadata(self.engine.export_stream(resident.handle), metadata)
+
+    def _load_safety(self, resident: Resident, metadata: dict[str, Any]) -> None:
+        """The stream's stored auto-reset count and Idempotency-Keys, bounded by the limits."""
+        limits = self.limits
+        resident.requests = IdempotencyCache.from_list(
+            metadata.get("requests"), limits.idempotency_max_keys, limits.idempotency_window_s
+        )
+        resets = metadata.get("auto_resets", 0)
+        resident.watch.resets = resets if type(resets) is int and resets >= 0 else 0
+
+    # --- safety (docs/safety.md) ---
+
+    def after_adapt(self, resident: Resident, summary: dict[str, Any], images: int) -> str | None:
+        """Check a stream after an adapted batch: auto-reset it, or keep a good snapshot.
+
+        Returns the auto-reset's reason, if one happened.
+        """
+        policy = resolve_policy(resident.info.auto_reset)
+        if policy is not None:
+            reason = check(policy, summary, resident.watch)
+            if reason is not None:
+                self._auto_reset(resident, policy.action, reason)
+                return reason
+            good = True
+        else:  # no policy: a state is good if the recommended preset would keep it
+            good = check(RECOMMENDED, summary, Watch()) is None
+        keep = min(resident.info.snapshots, self.limits.max_snapshots)
+        resident.since_snapshot += images
+        if keep and good and resident.since_snapshot >= self.limits.snapshot_interval_images:
+            state = self.export(resident, requests=False)
+            resident.snapshots.append(Snapshot(resident.samples, time.time(), state))
+            while len(resident.snapshots) > keep:
+                resident.snapshots.popleft()
+            resident.since_snapshot = 0
+        return None
+
+    def _auto_reset(self, resident: Resident, action: str, reason: str) -> None:
+        """Give the stream its initial state, or its last good snapshot; count and log it."""
+        watch = resident.watch
+        if action == "rollback" and resident.snapshots:
+            snapshot = resident.snapshots[-1]
+            self.roll_back(resident, snapshot)
+            done = f"rolled back to its snapshot at {snapshot.samples} images"
+        else:
+            action = "reset"
+            self.engine.reset_stream(resident.handle)
+            resident.samples, resident.signal = 0, None
+            done = "reset to its initial state"
+        watch.resets += 1
+        watch.baseline = None
+        watch.last_reason, watch.last_reset_at = reason, time.time()
+        resident.since_snapshot = 0
+        self.metrics.auto_resets.labels(self.model, reason, action).inc()
+        logger.warning("stream %s auto-reset (%s): %s", resident.info.id, reason, done)
+
+    def roll_back(self, resident: Resident, snapshot: Snapshot) -> None:
+        """Load a snapshot's state into the stream's slot."""
+        info = resident.info
+        parsed = self.engine.parse_state(
+            info.adapter, info.config, without_metadata(snapshot.state)
+        )
+        resident.handle = self.engine.load_stream(resident.handle, parsed)
+        resident.samples = snapshot.samples
+        resident.signal = signal_of(snapshot.state)
 
     def persist(self, resident: Resident) -> Future[None]:
         """Write the stream's current state to the store (in order with every other write).
@@ -617,6 +718,20 @@ class StreamEntry:
     samples: int = 0
     signal: StreamSignal | None = None
     state_bytes: int = 0  # its state's size as stored (what the tenant's quota counts)
+    auto_resets: int = 0
+    last_auto_reset: tuple[str, float] | None = None  # (reason, unix time), since start-up
+    snapshots: list[tuple[int, float]] = field(default_factory=list)  # (samples, unix time)
+    feedback: Feedback | None = None  # with feedback on: the prediction log, live accuracy
+
+
+@dataclass(frozen=True)
+class SafetyOutcome:
+    """What the safety checks did to a stream after a forward (for its entry)."""
+
+    auto_reset: str | None  # the reason, if the stream was auto-reset after this forward
+    samples: int  # the stream's sample count after the checks (0 after a reset)
+    auto_resets: int
+    snapshots: list[tuple[int, float]]  # (samples, unix time) of the kept snapshots
 
 
 class StreamRegistry(Generic[R]):
@@ -639,6 +754,7 @@ class StreamRegistry(Generic[R]):
         default_ttl_s: float | None,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        limits: SafetyLimits | None = None,
     ) -> None:
         self.runtimes = runtimes
         self.writer = writer
@@ -646,6 +762,9 @@ class StreamRegistry(Generic[R]):
         self.default_ttl_s = default_ttl_s
         self.metrics = metrics
         self.clock = clock
+        self.limits = limits = limits or SafetyLimits()
+        for runtime in runtimes.values():
+            runtime.slots.limits = limits
         self.entries: dict[str, StreamEntry] = {}
         # ids being created or deleted: not looked up in the store, whose record is not final
         self._reserved: set[str] = set()
@@ -699,13 +818,24 @@ class StreamRegistry(Generic[R]):
 
     def _entry(self, record: StreamRecord) -> StreamEntry:
         """The entry of a stored stream (used from now), with its stored samples and signals."""
-        return StreamEntry(
+        resets = read_metadata(record.state).get("auto_resets", 0)
+        return self._new_entry(
             StreamInfo.of(record),
-            last_used=self.clock(),
             samples=listed_samples(record.state),
             signal=signal_of(record.state),
             state_bytes=len(record.state),
+            auto_resets=resets if type(resets) is int else 0,
         )
+
+    def _new_entry(self, info: StreamInfo, **values: Any) -> StreamEntry:
+        """A stream's entry (used from now), with its feedback window if feedback is on."""
+        entry = StreamEntry(info, last_used=self.clock(), **values)
+        if info.feedback:
+            entry.feedback = Feedback(
+                PredictionLog(self.limits.feedback_max_requests),
+                FeedbackWindow(self.limits.feedback_window),
+            )
+        return entry
 
     def page(self, offset: int, limit: int, tenant: str = "") -> tuple[list[StreamEntry], int]:
         """The tenant's entries sorted by id, ``limit`` from ``offset``, and their count."""
@@ -721,15 +851,36 @@ class StreamRegistry(Generic[R]):
     def observed(self) -> list[ObservedStream]:
         """Every stream as the metrics see it (read at each scrape)."""
         return [
-            ObservedStream(sid, e.info.model, e.info.adapter, e.samples, e.signal)
+            ObservedStream(
+                sid,
+                e.info.model,
+                e.info.adapter,
+                e.samples,
+                e.signal,
+                auto_resets=e.auto_resets,
+                accuracy=e.feedback.window.accuracy() if e.feedback is not None else None,
+            )
             for sid, e in self.entries.items()
         ]
 
-    def record(self, entry: StreamEntry, samples: int, signal: StreamSignal | None) -> None:
+    def record(
+        self,
+        entry: StreamEntry,
+        samples: int,
+        signal: StreamSignal | None,
+        safety: SafetyOutcome | None = None,
+    ) -> None:
         """Note a stream's sample count and signals after a forward, whichever API sent it."""
         entry.samples = samples
         if signal is not None:
             entry.signal = signal
+        if safety is not None:
+            if safety.auto_reset is not None:
+                entry.samples = safety.samples
+                entry.signal = None  # the signals were the collapsed state's
+                entry.last_auto_reset = (safety.auto_reset, time.time())
+            entry.auto_resets = safety.auto_resets
+            entry.snapshots = safety.snapshots
 
     async def refresh(self, entry: StreamEntry) -> None:
         """Re-read a stream's sample count and signals from the store (its copy here lost a write).
@@ -757,12 +908,15 @@ class StreamRegistry(Generic[R]):
         *,
         max_streams: int = 0,
         max_state_bytes: int = 0,
+        options: Mapping[str, Any] | None = None,
     ) -> StreamEntry:
         """Register a new stream of ``tenant`` with a fresh state, persisted before this returns.
 
         ``stream_id`` is the tenant's name for it (its key is :func:`stream_key`). A stream
         beyond the tenant's quota (``max_streams``, ``max_state_bytes`` of its streams' states;
-        0: none) is refused with QuotaExceededError before anything is stored.
+        0: none) is refused with QuotaExceededError before anything is stored. ``options`` are
+        further fields of its record (the safety ones: ``auto_reset``, ``feedback``,
+        ``snapshots``, ``frozen``).
         """
         public = validate_stream_id(stream_id) if stream_id is not None else new_stream_id()
         stream_id = stream_key(tenant, public)
@@ -777,6 +931,12 @@ class StreamRegistry(Generic[R]):
         runtime = self.runtime(model)
         spec = get_adapter(adapter)
         validated = spec.config.model_validate(config or {})
+        options = dict(options or {})
+        if options.get("snapshots", 0) > self.limits.max_snapshots:
+            raise InvalidConfigError(
+                f"snapshots: at most {self.limits.max_snapshots} per stream on this server "
+                "(setting max_snapshots)"
+            )
         info = StreamInfo(
             id=stream_id,
             model=model,
@@ -786,6 +946,7 @@ class StreamRegistry(Generic[R]):
             created_at=time.time(),
             ttl_seconds=ttl_seconds if ttl_seconds is not None else self.default_ttl_s,
             tenant=tenant,
+            **options,
         )
         self._reserved.add(stream_id)
         try:
@@ -801,7 +962,7 @@ class StreamRegistry(Generic[R]):
                 await runtime.call(runtime.slots.close, stream_id)
                 self.writer.delete(stream_id)
                 raise
-            entry = StreamEntry(opened.info, last_used=self.clock(), state_bytes=opened.state_bytes)
+            entry = self._new_entry(opened.info, state_bytes=opened.state_bytes)
             self.entries[stream_id] = entry
         finally:
             self._reserved.discard(stream_id)
@@ -881,7 +1042,7 @@ class StreamRegistry(Generic[R]):
         runtime = self.runtime(entry.info.model)
 
         def export(slots: StreamSlots) -> bytes:
-            return slots.export(slots.ensure(entry.info))
+            return slots.export(slots.ensure(entry.info), requests=False)
 
         try:
             return await runtime.call(export, runtime.slots)
@@ -926,19 +1087,24 @@ class StreamRegistry(Generic[R]):
         return entry
 
     async def _replace(
-        self, entry: StreamEntry, change: Callable[[StreamSlots, Resident], None], action: str
+        self,
+        entry: StreamEntry,
+        change: Callable[[StreamSlots, Resident], None],
+        action: str,
+        load: bool = False,
     ) -> Resident:
         """Replace the stream's whole state with ``change`` on the engine thread; both or neither.
 
         Under sync durability the stream's newest record is kept first; if the store then
         fails to save the new state, the stream is restored to it (and it is written again).
+        With ``load`` the stream's current state is loaded first (``change`` builds on it).
         """
         runtime = self.runtime(entry.info.model)
 
         def apply(slots: StreamSlots) -> tuple[Resident, StreamRecord | None, Future[None] | None]:
             before = self._newest(slots, entry.info) if self.sync else None
             claimed = entry.info.id not in slots.resident
-            resident = slots.claim(entry.info)
+            resident = slots.ensure(entry.info) if load else slots.claim(entry.info)
             try:
                 change(slots, resident)
             except BaseException:
@@ -961,6 +1127,99 @@ class StreamRegistry(Generic[R]):
             return slots.newest(info)
         except StoreError as error:
             raise store_failure(error, f"read stream {info.id!r}") from None
+
+    # --- safety (docs/safety.md) ---
+
+    async def set_frozen(self, stream_id: str, frozen: bool) -> StreamEntry:
+        """Freeze (predict with the state, never update it) or thaw the stream; persisted."""
+        entry = await self.find(stream_id)
+
+        def change(slots: StreamSlots, resident: Resident) -> None:
+            resident.info = replace(resident.info, frozen=frozen)
+
+        resident = await self._replace(entry, change, "save the stream", load=True)
+        entry.info = resident.info
+        return entry
+
+    async def roll_back(self, stream_id: str, samples: int | None) -> StreamEntry:
+        """Give the stream a kept snapshot's state: the one at ``samples`` images, or the last.
+
+        SnapshotNotFoundError (404) when the stream keeps no such snapshot. Store failures as
+        for :meth:`reset`.
+        """
+        entry = await self.find(stream_id)
+
+        def change(slots: StreamSlots, resident: Resident) -> None:
+            kept = [s for s in resident.snapshots if samples is None or s.samples == samples]
+            if not kept:
+                which = "snapshot" if samples is None else f"snapshot at {samples} images"
+                raise SnapshotNotFoundError(
+                    f"stream {stream_id!r} keeps no {which}; see GET "
+                    f"/v1/streams/{stream_id}/snapshots"
+                )
+            slots.roll_back(resident, kept[-1])
+            resident.since_snapshot = 0
+            resident.watch.baseline = None
+
+        resident = await self._replace(entry, change, "save the rolled-back state", load=True)
+        entry.samples, entry.signal = resident.samples, resident.signal
+        return entry
+
+    async def list_snapshots(self, stream_id: str) -> list[tuple[int, float]]:
+        """The stream's kept snapshots, oldest first: (samples, unix time)."""
+        entry = await self.find(stream_id, touch=False)
+        runtime = self.runtime(entry.info.model)
+
+        def snapshots(slots: StreamSlots) -> list[tuple[int, float]]:
+            resident = slots.resident.get(stream_id)
+            if resident is None or resident.info.created_at != entry.info.created_at:
+                return []  # not resident: its snapshots (kept in memory) went with its slot
+            return [(s.samples, s.taken_at) for s in resident.snapshots]
+
+        entry.snapshots = await runtime.call(snapshots, runtime.slots)
+        return entry.snapshots
+
+    async def fork(
+        self,
+        stream_id: str,
+        new_id: str | None,
+        options: Mapping[str, Any],
+        tenant: str = "",
+        *,
+        max_streams: int = 0,
+        max_state_bytes: int = 0,
+    ) -> StreamEntry:
+        """A new stream of ``tenant`` with a copy of the stream's state (same model, adapter
+        and config), within the tenant's quota (see :meth:`create`).
+
+        ``options`` override the copy's record fields (``ttl_seconds`` and the safety fields);
+        the rest are the original's. If the copy cannot be stored, the new stream is deleted.
+        """
+        entry = await self.find(stream_id)
+        info = entry.info
+        state = await self.export_state(stream_id)
+        fields = {
+            name: getattr(info, name) for name in ("auto_reset", "feedback", "snapshots", "frozen")
+        }
+        ttl = options.get("ttl_seconds", info.ttl_seconds)
+        fields.update({k: v for k, v in options.items() if k != "ttl_seconds"})
+        fork = await self.create(
+            new_id,
+            info.model,
+            info.adapter,
+            info.config,
+            ttl,
+            tenant,
+            max_streams=max_streams,
+            max_state_bytes=max_state_bytes,
+            options=fields,
+        )
+        try:
+            return await self.import_state(fork.info.id, state)
+        except BaseException:
+            with contextlib.suppress(ServiceError):
+                await self.delete(fork.info.id)
+            raise
 
     async def drift(self, stream_id: str) -> dict[str, Any]:
         """The stream's full drift report."""

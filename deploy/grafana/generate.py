@@ -646,6 +646,29 @@ def stream_detail() -> dict[str, Any]:
             ],
             width=12,
         ),
+        timeseries(
+            "Live accuracy (label feedback)",
+            "Accuracy of the stream's adapted and source predictions over its last labelled "
+            "images (POST /v1/streams/{id}/feedback; streams created with feedback on). Adapted "
+            "below source: adaptation hurts this stream (docs/safety.md).",
+            [
+                target(f'tta_stream_feedback_accuracy{{{one}, prediction="adapted"}}', "adapted"),
+                target(f'tta_stream_feedback_accuracy{{{one}, prediction="source"}}', "source"),
+            ],
+            unit="percentunit",
+            width=12,
+        ),
+        timeseries(
+            "Labels and auto-resets",
+            "Labelled images behind the live accuracy (few: noisy), and the stream's auto-resets "
+            "since creation (a step is one reset; the model's causes are in the service "
+            "overview's tta_auto_resets_total).",
+            [
+                target(f"tta_stream_feedback_labels{{{one}}}", "labels"),
+                target(f"tta_stream_auto_resets{{{one}}}", "auto-resets"),
+            ],
+            width=12,
+        ),
     ]
     return dashboard(
         "tta-stream-detail",
@@ -659,7 +682,9 @@ def stream_detail() -> dict[str, Any]:
             query_variable(
                 "stream",
                 "stream",
-                'label_values(tta_stream_severity{model="$model"}, stream)',
+                # the top-K by severity, and the streams with label feedback
+                'label_values({__name__=~"tta_stream_severity|tta_stream_feedback_accuracy", '
+                'model="$model"}, stream)',
                 include_all=False,
             ),
         ],

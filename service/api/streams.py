@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import functools
 import math
+import secrets
 import time
 from typing import Annotated, Any
 
 import pydantic
 import torch
-from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -34,6 +36,7 @@ from service.errors import (
     CapacityError,
     DeadlineExceededError,
     ForwardError,
+    IdempotencyKeyReusedError,
     InvalidConfigError,
     InvalidImageError,
     InvalidInputError,
@@ -50,16 +53,20 @@ from service.errors import (
     UnsupportedMediaTypeError,
     describe_validation,
 )
+from service.feedback import Feedback
+from service.idempotency import IDEMPOTENCY_KEY, fingerprint
 from service.imaging import ImageBatch, decode_images, decode_tensor, parse_shape
 from service.predictions import PredictRequest, PredictResult, TopK
 from service.runtime import ModelRuntime
 from service.schemas import (
     EXAMPLE_STREAM_ID,
     STREAM_ID_DESCRIPTION,
+    AutoResetEvent,
     Base64Images,
     ClassScore,
     DriftSummary,
     ImagePrediction,
+    LiveAccuracy,
     PredictResponse,
     StreamCreate,
     StreamPublic,
@@ -112,6 +119,7 @@ PREDICT_ERRORS = (
     QueueFullError,
     DeadlineExceededError,
     ForwardError,
+    IdempotencyKeyReusedError,
 )
 
 # A drift report (shortened to two BN layers; a real one has one value per layer).
@@ -154,7 +162,34 @@ _PREDICT_BODY = {
 def stream_public(entry: StreamEntry) -> StreamPublic:
     """The API view of a registered stream."""
     return StreamPublic(
-        **{**entry.info.fields(), "id": public_id(entry.info.id)}, samples=entry.samples
+        **{**entry.info.fields(), "id": public_id(entry.info.id)},
+        samples=entry.samples,
+        **safety_view(entry),
+    )
+
+
+def safety_view(entry: StreamEntry) -> dict[str, Any]:
+    """The stream's auto-resets and live accuracy, as its view shows them."""
+    last = entry.last_auto_reset
+    return {
+        "auto_resets": entry.auto_resets,
+        "last_auto_reset": AutoResetEvent(reason=last[0], at=last[1]) if last else None,
+        "accuracy": live_accuracy(entry.feedback) if entry.feedback is not None else None,
+    }
+
+
+def live_accuracy(feedback: Feedback) -> LiveAccuracy:
+    """A stream's live accuracy window as the API shows it."""
+    window = feedback.window.accuracy()
+    gain = None
+    if window.adapted is not None and window.source is not None:
+        gain = window.adapted - window.source
+    return LiveAccuracy(
+        labels=window.labels,
+        adapted=window.adapted,
+        source=window.source,
+        gain=gain,
+        labels_total=window.labels_total,
     )
 
 
@@ -202,6 +237,7 @@ async def create_stream(
         caller.tenant,
         max_streams=quota.max_streams,
         max_state_bytes=quota.max_state_bytes,
+        options=body.safety_options(),
     )
     return stream_public(entry)
 
@@ -314,12 +350,21 @@ async def read_drift(stream: ReadKey, registry: RegistryDep) -> dict[str, Any]:
 async def predict(
     stream: WriteKey,
     request: Request,
+    response: Response,
     registry: RegistryDep,
     state: AppStateDep,
     top_k: Annotated[int, Query(ge=1, le=1000, description="classes per image")] = 5,
     adapt: Annotated[bool, Query(description="update the stream's statistics")] = True,
     source: Annotated[bool, Query(description="also return the unadapted prediction")] = False,
     drift: Annotated[bool, Query(description="include the stream's drift summary")] = True,
+    idempotency: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="a retry with the same key gets the first response and adapts once "
+            "(docs/safety.md)",
+        ),
+    ] = None,
     shape: Annotated[
         str | None,
         Query(description="raw tensor shape N,3,H,W (octet-stream bodies)", examples=["1,3,32,32"]),
@@ -343,15 +388,29 @@ async def predict(
     state.metrics.stage_latency.labels(runtime.name, "decode").observe(
         time.perf_counter() - started
     )
+    key = idempotency_key(idempotency)
+    parameters = f"{top_k}|{adapt}|{source}|{drift}|{shape}|{dtype}|{_media_type(request)}"
     result = await run_prediction(
-        registry, entry, images, settings, adapt=adapt, source=source, top_k=top_k, drift=drift
+        registry,
+        entry,
+        images,
+        settings,
+        adapt=adapt,
+        source=source,
+        top_k=top_k,
+        drift=drift,
+        request_id=key or request_id(request),
+        idempotency_key=key,
+        fingerprint=fingerprint(await request.body(), parameters) if key else "",
     )
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     labels = runtime.spec.labels
     return PredictResponse(
         stream_id=public_id(entry.info.id),
         model=entry.info.model,
         adapter=entry.info.adapter,
-        adapted=adapt,
+        adapted=result.adapted,
         samples=result.samples,
         predictions=[image_prediction(p, labels) for p in result.predictions],
         source_predictions=(
@@ -360,7 +419,26 @@ async def predict(
             else None
         ),
         drift=DriftSummary(**result.drift) if result.drift is not None else None,
+        request_id=result.request_id,
+        auto_reset=result.safety.auto_reset if result.safety is not None else None,
     )
+
+
+def idempotency_key(key: str | None) -> str | None:
+    """The request's ``Idempotency-Key`` header (InvalidRequestError if it is malformed)."""
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidRequestError(
+            "the Idempotency-Key header must be 1-255 printable ASCII characters without spaces"
+        )
+    return key
+
+
+def request_id(request: Request) -> str:
+    """The id that names a prediction in label feedback: X-Request-ID if valid, else new."""
+    given = request.headers.get("x-request-id")
+    if given is not None and IDEMPOTENCY_KEY.fullmatch(given):
+        return given
+    return "r-" + secrets.token_hex(8)
 
 
 async def run_prediction(
@@ -373,8 +451,15 @@ async def run_prediction(
     source: bool = False,
     top_k: int = 5,
     drift: bool = True,
+    request_id: str = "",
+    idempotency_key: str | None = None,
+    fingerprint: str = "",
 ) -> PredictResult:
-    """Queue a request for the stream's batcher, wait for it (and its sync write), record it."""
+    """Queue a request for the stream's batcher, wait for it (and its sync write), record it.
+
+    A frozen stream predicts without adapting. With feedback on, the request's adapted and
+    source classes are logged under ``request_id`` for later labels.
+    """
     runtime = registry.runtime(entry.info.model)
     if runtime.batcher is None:  # set in the lifespan before the app is ready
         raise UnavailableError("the server is starting: the model's batcher is not running")
@@ -382,14 +467,26 @@ async def run_prediction(
     request = PredictRequest(
         info=entry.info,
         images=images,
-        adapt=adapt,
+        adapt=adapt and not entry.info.frozen,
         source=source,
         top_k=top_k,
         drift=drift,
         deadline=loop.time() + settings.request_timeout_s,
+        idempotency_key=idempotency_key,
+        fingerprint=fingerprint,
     )
     result = await runtime.batcher.submit(request)
     require_finite(result, entry.info.id)
+    result = dataclasses.replace(result, request_id=request_id)
+    if result.replayed:
+        return result
+
+    def note() -> None:
+        registry.record(entry, result.samples, result.signal, result.safety)
+        if entry.feedback is not None and result.source_classes is not None:
+            adapted = [p.classes[0] for p in result.predictions]
+            entry.feedback.log.add(request_id, adapted, result.source_classes)
+
     if result.stored is not None:
         try:
             await asyncio.wrap_future(result.stored)
@@ -399,11 +496,11 @@ async def run_prediction(
             raise store_failure(error, "save the stream's new state") from None
         except StoreError as error:
             # the update stands: it stays pending in this replica and is written when Redis is back
-            registry.record(entry, result.samples, result.signal)
+            note()
             raise StoreUnavailableError(
                 f"the prediction was made but the stream's new state was not saved: {error}"
             ) from None
-    registry.record(entry, result.samples, result.signal)
+    note()
     return result
 
 

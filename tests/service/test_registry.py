@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,9 +33,8 @@ INFO = StreamInfo(
 class GatedRuntime:
     """A model runtime whose engine thread does nothing until the test opens the gate."""
 
-    slots = None
-
     def __init__(self) -> None:
+        self.slots = SimpleNamespace()  # the registry hands its limits to the slots
         self.gate = asyncio.Event()
         self.entered = asyncio.Event()
 

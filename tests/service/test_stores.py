@@ -252,6 +252,10 @@ def test_encoding_layout() -> None:
         "created_at": 1764072000.123456,
         "ttl_seconds": 3600.5,
         "tenant": "",
+        "auto_reset": None,
+        "feedback": False,
+        "snapshots": 0,
+        "frozen": False,
         "state_length": 6,
         "state_sha256": hashlib.sha256(b"\x00STATE").hexdigest(),
     }
@@ -270,7 +274,8 @@ def test_the_stream_record_is_defined_once() -> None:
     names = [f.name for f in dataclasses.fields(StreamInfo)]
     header = header_of(encode_record(make_record()))
     assert list(header) == [*names, "state_length", "state_sha256"]
-    assert [f.name for f in dataclasses.fields(StreamPublic)] == [*names, "samples"]
+    view = ["samples", "auto_resets", "last_auto_reset", "accuracy"]  # not stored
+    assert [f.name for f in dataclasses.fields(StreamPublic)] == [*names, *view]
     assert StreamInfo.of(make_record()) == StreamInfo(**make_record().fields())
 
 

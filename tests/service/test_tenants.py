@@ -253,6 +253,33 @@ def test_another_tenants_stream_is_not_found_and_ids_are_per_tenant(server: Serv
         assert [s["id"] for s in listed["data"]] == ["cam-1"] and listed["count"] == 1
 
 
+def test_the_safety_routes_obey_tenants_and_roles(server: Server) -> None:
+    """Feedback, fork, freeze, thaw, snapshots and rollback: another tenant's stream is not
+    found, a reader may only list snapshots, and a fork belongs to the forking tenant."""
+    routes = [
+        ("POST", "feedback", {"labels": [{"request_id": "r", "index": 0, "label": 0}]}),
+        ("POST", "fork", {"id": "cam-fork"}),
+        ("POST", "freeze", None),
+        ("POST", "thaw", None),
+        ("GET", "snapshots", None),
+        ("POST", "rollback", {}),
+    ]
+    with server.client() as client:
+        body = {"id": "safe-1", "feedback": True, "snapshots": 2}
+        assert call(client, USER, "POST", "/v1/streams", json=body).status_code == 201
+        for method, route, payload in routes:
+            path = f"/v1/streams/safe-1/{route}"
+            other = call(client, GLOBEX, method, path, json=payload)
+            assert other.status_code == 404, (route, other.text)
+            if method == "POST":
+                refused = call(client, READER, method, path, json=payload)
+                assert refused.status_code == 403, (route, refused.text)
+        assert call(client, READER, "GET", "/v1/streams/safe-1/snapshots").status_code == 200
+        fork = call(client, USER, "POST", "/v1/streams/safe-1/fork", json={"id": "cam-fork"})
+        assert fork.status_code == 201 and fork.json()["tenant"] == "acme"
+        assert call(client, GLOBEX, "GET", "/v1/streams/cam-fork").status_code == 404
+
+
 def test_an_admin_acts_for_another_tenant_with_x_tenant_others_may_not(server: Server) -> None:
     with server.client() as client:
         call(client, GLOBEX, "POST", "/v1/streams", json={"id": "g-only"}).raise_for_status()

@@ -108,6 +108,7 @@ def main() -> None:
     )
     parser.add_argument("--adapters", nargs="*", help="compiled mode: only these adapters")
     parser.add_argument("--mix-64x4", action="store_true", help="compiled mode: time 64 x 4 too")
+    parser.add_argument("--no-mixing", action="store_true", help="compiled mode: skip mixing")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per timed measurement")
     parser.add_argument(
@@ -416,10 +417,10 @@ def compiled_main(args, model: torch.nn.Module, classes: int, pretrained: bool, 
 
         # 256 streams of one image, 64 of 4 and one of 256, in one compiled forward each.
         x = torch.randn((256, 3, h, w), generator=generator).to(device)
-        streams = [engine.open_stream("adabn") for _ in range(256)]
-        layouts = {"1 x 256": [256], "256 x 1": [1] * 256}
-        if args.mix_64x4:
+        layouts = {} if args.no_mixing else {"1 x 256": [256], "256 x 1": [1] * 256}
+        if args.mix_64x4 and layouts:
             layouts["64 x 4"] = [4] * 64
+        streams = [engine.open_stream("adabn") for _ in range(256 if layouts else 0)]
         mixing: dict[str, tuple[float, float, float]] = {}
 
         def run(counts: list[int]) -> object:
@@ -494,15 +495,15 @@ def compiled_main(args, model: torch.nn.Module, classes: int, pretrained: bool, 
         eager_cells = " | ".join(f"{versus_eager[name][b][0]:.2f}" for b in sizes)
         lines.append(f"| {name} | {cells} | {'; '.join(verdicts)} | {eager_cells} |")
     plain_rate = ", ".join(f"B={b}: {b / ratios[named[0]][b][1]:.0f}" for b in sizes)
-    lines += [
-        "",
-        f"Compiled plain forward throughput (images/s): {plain_rate}.",
-        "",
-        "Stream mixing, compiled (adabn, 256 images in one forward):",
-        "",
-        "| layout | time per 256 images | throughput vs one stream | target |",
-        "| --- | --- | --- | --- |",
-    ]
+    lines += ["", f"Compiled plain forward throughput (images/s): {plain_rate}."]
+    if mixing:
+        lines += [
+            "",
+            "Stream mixing, compiled (adabn, 256 images in one forward):",
+            "",
+            "| layout | time per 256 images | throughput vs one stream | target |",
+            "| --- | --- | --- | --- |",
+        ]
     for label, (ratio, _, layout_t) in mixing.items():
         goal = ""
         if label != "1 x 256":

@@ -342,10 +342,12 @@ def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
 def generated_kernels(fn: Callable[[], object]) -> int:
     """Kernels inductor generates for the first (compiling) call of ``fn``: one graph's count,
     i.e. the kernels of one forward (convolutions and matmuls are library calls, not counted)."""
-    from torch._inductor import metrics
+    from torch._inductor import config, metrics
 
-    metrics.reset()
-    fn()
+    # A cached graph is loaded, not generated: it would count 0 kernels.
+    with config.patch(fx_graph_cache=False, autotune_local_cache=False):
+        metrics.reset()
+        fn()
     return metrics.generated_kernel_count
 
 

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         description="replay each batch layout as a CUDA graph (not yet validated on a GPU)",
     )
     engine_mode: Literal["auto", "eager", "compiled"] = Field(
-        default="eager",
+        default="auto",
         description=(
             "eager: the reference forward; compiled: torch.compile (inductor) per bucket layout "
             "(PyTorch models; engine/compiled.py); auto: compiled where bench.engine measured it "

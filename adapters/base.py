@@ -121,9 +121,10 @@ def segment_sum(members: Tensor, values: Tensor) -> Tensor:
     """Per-segment sums as a matrix product with the one-hot ``members`` [S, N].
 
     A matmul rather than ``index_add``: on the CPU, index_add over a few rows serialises and
-    was the slowest op of the whole adapted forward.
+    was the slowest op of the whole adapted forward. Compiled batches (engine/compiled.py) may
+    hold padding rows in no stream: there the product, which masks them, is always taken.
     """
-    if members.shape[0] == 1:
+    if members.shape[0] == 1 and not torch.compiler.is_compiling():
         return values.sum(0, keepdim=True)
     flat = values.reshape(values.shape[0], -1)
     return (members.to(flat.dtype) @ flat).reshape(members.shape[0], *values.shape[1:])

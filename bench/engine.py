@@ -8,6 +8,11 @@ ratios measured in one run are what we compare). Then 64 streams mixed in one ba
 against one stream of 256 and against a loop of 64 calls of 4 images. Writes a section of
 docs/performance.md and a PNG plot.
 
+``--mode compiled`` counts ATen ops per eager forward (adapted vs plain, per adapter), inductor
+kernels per compiled forward, and times the compiled adapted forward against the compiled plain
+one and against the eager adapted one, then 256 x 1, 64 x 4 and 1 x 256 streams
+(engine/compiled.py).
+
 ``--backend onnx`` times the ONNX Runtime backend instead: the model exported by
 ``models.export_onnx``, its adapted forward against the untouched file in ONNX Runtime (BN
 constants, ORT's fusions on) and against the PyTorch engine's adapted forward.
@@ -28,7 +33,7 @@ from tqdm import tqdm
 
 from adapters import ADAPTERS
 from bench.report import command_line, machine, write_section
-from engine.core import Engine
+from engine.core import Engine, StreamHandle
 from models import WeightsUnavailableError, create_model, get_spec
 from models.registry import build_architecture
 
@@ -95,6 +100,15 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--cuda-graphs", action="store_true", help="replay captured graphs")
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    parser.add_argument(
+        "--mode",
+        choices=["eager", "compiled"],
+        default="eager",
+        help="compiled: engine/compiled.py",
+    )
+    parser.add_argument("--adapters", nargs="*", help="compiled mode: only these adapters")
+    parser.add_argument("--mix-64x4", action="store_true", help="compiled mode: time 64 x 4 too")
+    parser.add_argument("--no-mixing", action="store_true", help="compiled mode: skip mixing")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per timed measurement")
     parser.add_argument(
@@ -110,6 +124,9 @@ def main() -> None:
     model, classes, pretrained = load(args.model, args.cache_dir)
     if args.backend == "onnx":
         onnx_main(args, model, classes, pretrained, device)
+        return
+    if args.mode == "compiled":
+        compiled_main(args, model, classes, pretrained, device)
         return
     plain_model = model.to(device).eval()
     engine = Engine(
@@ -296,6 +313,205 @@ def onnx_main(args, model: torch.nn.Module, classes: int, pretrained: bool, devi
         + ".",
     ]
     key = f"bench.engine:onnx-{device.type}"
+    write_section(args.out, key, "\n".join(lines), title="Performance")
+    log.info("\n".join(lines))
+
+
+# --- the compiled adapted forward (engine/compiled.py) ----------------------------------------
+
+COMPILED_TARGETS = {"adabn": 1.1, "alpha_bn": 1.1, "momentum": 1.1, "unmix_tns": 1.3}
+COMPILED_B1_TARGET = 1.5
+KERNELS_PER_LAYER_TARGET = 3
+
+
+def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
+    """ATen ops one call of ``fn`` dispatches (``torch.profiler`` on the CPU): (top-level, all).
+
+    Top-level ops are those the Python code calls; all counts the ops they call in turn.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(top), len(events)
+
+
+def generated_kernels(fn: Callable[[], object]) -> int:
+    """Kernels inductor generates for the first (compiling) call of ``fn``: one graph's count,
+    i.e. the kernels of one forward (convolutions and matmuls are library calls, not counted)."""
+    from torch._inductor import config, metrics
+
+    # A cached graph is loaded, not generated: it would count 0 kernels.
+    with config.patch(fx_graph_cache=False, autotune_local_cache=False):
+        metrics.reset()
+        fn()
+    return metrics.generated_kernel_count
+
+
+def compiled_main(args, model: torch.nn.Module, classes: int, pretrained: bool, device) -> None:
+    """Ops per forward (eager), kernels per forward (compiled), and compiled adapted / plain."""
+    spec = get_spec(args.model)
+    h, w = spec.input_size
+    measure = timer(device)
+    generator = torch.Generator().manual_seed(0)
+    plain_model = model.to(device).eval()
+    compiled_plain = torch.compile(plain_model, dynamic=False)
+    common = {"name": args.model, "num_classes": classes, "device": device, "capacity": 256}
+    eager = Engine(model, **common)
+    engine = Engine(model, mode="compiled", **common)
+    layers = len(engine.layers)
+    adapters = sorted(ADAPTERS)
+    sizes = args.batch_sizes
+    ops: dict[str, tuple[int, int]] = {}
+    kernels: dict[str, dict[int, int]] = {name: {} for name in adapters}
+    plain_kernels: dict[int, int] = {}
+    ratios: dict[str, dict[int, tuple[float, float, float]]] = {name: {} for name in adapters}
+    versus_eager: dict[str, dict[int, tuple[float, float, float]]] = {n: {} for n in adapters}
+    with torch.inference_mode():
+        x64 = torch.randn((64, 3, h, w), generator=generator).to(device)
+        ops["plain"] = count_ops(lambda: plain_model(x64))
+        for name in adapters:
+            stream = eager.open_stream(name)
+
+            def run_eager(s: StreamHandle = stream) -> object:
+                return eager.forward(x64, [(s, 64)]).logits
+
+            ops[name] = count_ops(run_eager)
+            eager.close_stream(stream)
+        log.info("ops per forward: %s", ops)
+        for batch in sizes:
+            x = torch.randn((batch, 3, h, w), generator=generator).to(device)
+
+            def run_plain(x: torch.Tensor = x) -> object:
+                return compiled_plain(x)
+
+            plain_kernels[batch] = generated_kernels(run_plain)
+            for name in adapters:
+                if args.adapters and name not in args.adapters:
+                    continue
+                stream = engine.open_stream(name)
+                reference = eager.open_stream(name)
+
+                def adapted(x=x, s=stream) -> object:
+                    return engine.forward(x, [(s, len(x))]).logits
+
+                def adapted_eager(x=x, s=reference) -> object:
+                    return eager.forward(x, [(s, len(x))]).logits
+
+                start = time.perf_counter()
+                kernels[name][batch] = generated_kernels(adapted)
+                log.info("%s B=%d compiled in %.0f s", name, batch, time.perf_counter() - start)
+                ratios[name][batch] = paired_ratio(
+                    measure, lambda x=x: compiled_plain(x), adapted, args.repeats, args.budget
+                )
+                versus_eager[name][batch] = paired_ratio(
+                    measure, adapted_eager, adapted, args.repeats, args.budget
+                )
+                engine.close_stream(stream)
+                eager.close_stream(reference)
+                tqdm.write(
+                    f"{name} B={batch}: /plain {ratios[name][batch][0]:.2f} "
+                    f"/eager {versus_eager[name][batch][0]:.2f} kernels {kernels[name][batch]}"
+                )
+
+        # 256 streams of one image, 64 of 4 and one of 256, in one compiled forward each.
+        x = torch.randn((256, 3, h, w), generator=generator).to(device)
+        layouts = {} if args.no_mixing else {"1 x 256": [256], "256 x 1": [1] * 256}
+        if args.mix_64x4 and layouts:
+            layouts["64 x 4"] = [4] * 64
+        streams = [engine.open_stream("adabn") for _ in range(256 if layouts else 0)]
+        mixing: dict[str, tuple[float, float, float]] = {}
+
+        def run(counts: list[int]) -> object:
+            return engine.forward(x, list(zip(streams, counts, strict=False))).logits
+
+        for label, counts in layouts.items():
+            run(counts)  # compiles this layout
+            mixing[label] = paired_ratio(
+                measure,
+                lambda: run(layouts["1 x 256"]),
+                lambda c=counts: run(c),
+                args.repeats,
+                args.budget,
+            )
+
+    where = machine(device)
+    named = [n for n in adapters if kernels[n]]
+    lines = [
+        f"## Compiled adapted forward, {args.model} on {device.type.upper()}",
+        "",
+        f"Machine: {where}. Command: `{command_line()}`. torch {torch.__version__}, inductor.",
+        f"Weights: {'pretrained' if pretrained else 'random (same architecture and cost)'}; "
+        f"median of {args.repeats} interleaved pairs per cell; {layers} BN layers.",
+        "",
+        "ATen ops per forward at batch 64, eager (`torch.profiler`; top-level ops / all ops, "
+        "nested included):",
+        "",
+        "| forward | top-level ops | all ops |",
+        "| --- | --- | --- |",
+        *[f"| {key} | {top} | {total} |" for key, (top, total) in ops.items()],
+        "",
+        "Inductor kernels per compiled forward (`torch._inductor.metrics.generated_kernel_count`; "
+        "convolutions and matmuls are library calls, not counted), and the extra kernels per BN "
+        f"layer over the compiled plain forward (target <= {KERNELS_PER_LAYER_TARGET}):",
+        "",
+        "| forward | " + " | ".join(f"B={b}" for b in sizes) + " | extra per BN layer |",
+        "| --- | " + " | ".join("---" for _ in sizes) + " | --- |",
+        "| plain | " + " | ".join(str(plain_kernels[b]) for b in sizes) + " | |",
+    ]
+    for name in named:
+        extra = max((kernels[name][b] - plain_kernels[b]) / layers for b in sizes)
+        verdict = "met" if extra <= KERNELS_PER_LAYER_TARGET else "MISSED"
+        cells = " | ".join(str(kernels[name][b]) for b in sizes)
+        lines.append(f"| {name} | {cells} | {extra:.1f}: {verdict} |")
+    lines += [
+        "",
+        "Compiled adapted forward time / compiled plain forward time (both `torch.compile`d), "
+        "and / the eager adapted forward (below 1: compiled is faster):",
+        "",
+        "| adapter | "
+        + " | ".join(f"/plain B={b}" for b in sizes)
+        + " | target | "
+        + " | ".join(f"/eager B={b}" for b in sizes)
+        + " |",
+        "| --- | "
+        + " | ".join("---" for _ in sizes)
+        + " | --- | "
+        + " | ".join("---" for _ in sizes)
+        + " |",
+    ]
+    for name in named:
+        verdicts = []
+        if 256 in ratios[name] and name in COMPILED_TARGETS:
+            ratio = ratios[name][256][0]
+            target = COMPILED_TARGETS[name]
+            verdicts.append(f"B=256 <= {target}: {'met' if ratio <= target else 'MISSED'}")
+        if 1 in ratios[name]:
+            ratio = ratios[name][1][0]
+            ok = ratio <= COMPILED_B1_TARGET
+            verdicts.append(f"B=1 <= {COMPILED_B1_TARGET}: {'met' if ok else 'MISSED'}")
+        cells = " | ".join(f"{ratios[name][b][0]:.2f}" for b in sizes)
+        eager_cells = " | ".join(f"{versus_eager[name][b][0]:.2f}" for b in sizes)
+        lines.append(f"| {name} | {cells} | {'; '.join(verdicts)} | {eager_cells} |")
+    plain_rate = ", ".join(f"B={b}: {b / ratios[named[0]][b][1]:.0f}" for b in sizes)
+    lines += ["", f"Compiled plain forward throughput (images/s): {plain_rate}."]
+    if mixing:
+        lines += [
+            "",
+            "Stream mixing, compiled (adabn, 256 images in one forward):",
+            "",
+            "| layout | time per 256 images | throughput vs one stream | target |",
+            "| --- | --- | --- | --- |",
+        ]
+    for label, (ratio, _, layout_t) in mixing.items():
+        goal = ""
+        if label != "1 x 256":
+            goal = ">= 0.9: " + ("met" if 1 / ratio >= 0.9 else "MISSED")
+        lines.append(f"| {label} | {layout_t * 1e3:.1f} ms | {1 / ratio:.2f} | {goal} |")
+    key = f"bench.engine:compiled-{device.type}"
     write_section(args.out, key, "\n".join(lines), title="Performance")
     log.info("\n".join(lines))
 

@@ -18,6 +18,7 @@ import dataclasses
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import BaseModel
@@ -28,6 +29,7 @@ from adapters.base import Adapter, Moments, State, StateMismatchError, segment_s
 from adapters.drift import drift_report, drift_summaries, observe, observe_head
 from adapters.pool import MemoryBudget, StateLayout, StatePool, state_layout
 from adapters.state_io import check_state, export_state, read_state
+from engine.compiled import DEFAULT_BUCKETS, CompiledStep
 from engine.network import Network, NormLayer, instance_moments
 from engine.torch_backend import TorchNetwork
 
@@ -65,6 +67,26 @@ class _Group:
     head: State = field(default_factory=dict)
     hparams: dict[str, Tensor] = field(default_factory=dict)
     broken: dict[int, Tensor] = field(default_factory=dict)  # layer -> [S] non-finite moments
+    # Bucketed (compiled) batches only: rows and streams padded to a bucket's sizes.
+    valid: Tensor | None = None  # [rows] bool: False for a padding row (in no stream)
+    source: Tensor | None = None  # [streams] int64: the real stream each stream copies
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """A batch's rows and streams as the forward sees them.
+
+    ``gather`` picks the forward's rows from the caller's (grouped by pool, padded to a bucket:
+    padding rows repeat a real image and belong to no stream); ``back`` picks the caller's
+    rows from the forward's logits; ``streams`` picks the real streams' rows of the problems.
+    Each is None where it would be the identity.
+    """
+
+    groups: list[_Group]
+    gather: Tensor | None = None
+    back: Tensor | None = None
+    streams: Tensor | None = None
+    bucket: tuple | None = None  # the compiled variant's layout (None: the eager forward)
 
 
 @dataclass(frozen=True)
@@ -225,7 +247,13 @@ class Engine:
         cuda_graphs: on CUDA, replay each batch layout as a captured graph (LRU of
             ``max_graphs`` layouts). Off by default until its GPU test has run on a GPU
             (tests/adapters/test_gpu.py); the eager path is what docs/performance.md measured.
-            Only for a capturable network (PyTorch).
+            Only for a capturable network (PyTorch). With ``mode="compiled"`` it captures
+            the compiled step.
+        mode: ``eager`` (the reference) or ``compiled``: the adapted forward compiled by
+            ``torch.compile`` (inductor), one variant per bucket layout (engine/compiled.py);
+            PyTorch networks only. A batch outside the buckets runs eagerly.
+        row_buckets, stream_buckets: the sizes a compiled batch's groups are padded to
+            (images, streams per group).
 
     Example:
         >>> engine = Engine(model, num_classes=10, device=torch.device("cpu"))
@@ -247,6 +275,9 @@ class Engine:
         max_graphs: int = 64,
         max_state_bytes: int = 0,
         max_state_header_bytes: int = 0,
+        mode: Literal["eager", "compiled"] = "eager",
+        row_buckets: Sequence[int] = DEFAULT_BUCKETS,
+        stream_buckets: Sequence[int] = DEFAULT_BUCKETS,
     ) -> None:
         self.name = name
         if isinstance(network, nn.Module):
@@ -272,6 +303,13 @@ class Engine:
         self.cuda_graphs = cuda_graphs and network.capturable
         self.max_graphs = max_graphs
         self._graphs: dict[tuple, _CapturedForward] = {}
+        self.compiled: CompiledStep | None = None
+        if mode == "compiled":
+            if not isinstance(network, TorchNetwork):
+                raise ValueError("the compiled forward needs a PyTorch network")
+            self.compiled = CompiledStep(self._step, row_buckets, stream_buckets)
+        on, off = (torch.tensor(v, device=self.device) for v in (True, False))
+        self._commit_flags = {True: on, False: off}
 
     @property
     def sources(self) -> list:
@@ -462,17 +500,15 @@ class Engine:
             raise ValueError("segment sizes do not add up to the batch size")
         if len({(s.pool, s.slot) for s, _ in segments}) != len(segments):
             raise ValueError("a stream may appear only once per forward")
-        order, groups = self._plan(segments, flags)
+        plan = self._plan(segments, flags)
         x = images.to(self.device, non_blocking=True)
         source_rows = self._source_rows(segments, source)
-        if source_rows is not None:  # a layout of its own: not captured, run eagerly
-            logits, problems, source_logits = self._run(x, order, groups, True, source_rows)
-        elif self.cuda_graphs and self.device.type == "cuda":
-            logits, problems = self._replay(x, order, groups)
-            source_logits = None
+        source_logits = None
+        if self.cuda_graphs and self.device.type == "cuda" and source_rows is None:
+            logits, problems = self._replay(x, plan)
         else:
-            logits, problems, source_logits = self._run(x, order, groups, commit=True)
-        indices = [index for group in groups for index in group.indices]
+            logits, problems, source_logits = self._run(x, plan, True, source_rows)
+        indices = [index for group in plan.groups for index in group.indices]
         return ForwardResult(logits, problems, indices, self.parts, source_logits)
 
     def _source_rows(
@@ -487,45 +523,90 @@ class Engine:
             start += count
         return self._to_device(rows, torch.int64) if rows else None
 
+    def warm_up(
+        self,
+        adapter: str,
+        config: BaseModel | dict | None,
+        layouts: Sequence[tuple[int, int]],
+        shape: Sequence[int],
+    ) -> None:
+        """Compile the forward of one group of ``(images, streams)`` per layout, at start-up.
+
+        Runs a forward of zeros on temporary streams of ``adapter`` (closed afterwards, so no
+        stream changes); ``shape`` is one image's. Nothing to do for an eager engine.
+        """
+        if self.compiled is None:
+            return
+        for images, count in layouts:
+            if not 1 <= count <= images:
+                raise ValueError(f"a layout of {images} images cannot hold {count} streams")
+            streams = [self.open_stream(adapter, config, seed=0) for _ in range(count)]
+            try:
+                sizes = [images // count + (i < images % count) for i in range(count)]
+                x = torch.zeros((images, *shape), device=self.device)
+                self.forward(x, list(zip(streams, sizes, strict=True)))
+            finally:
+                for stream in streams:
+                    self.close_stream(stream)
+
     def _run(
         self,
         x: Tensor,
-        order: Tensor | None,
-        groups: list[_Group],
-        commit: bool,
+        plan: _Plan,
+        commit: bool | Tensor,
         source_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The adapted forward of a planned batch: its logits, its streams' problems, and the
         source logits of ``source_rows`` (copies of those rows appended to the batch).
 
         Stream states change only if ``commit``, and then only the rows without a problem.
+        A bucketed plan runs the compiled step, any other (or one with source rows: a layout
+        of its own) the eager one.
         """
         extra = None if source_rows is None else x.index_select(0, source_rows)
-        if order is not None:
-            x = x.index_select(0, order)
+        if plan.gather is not None:
+            x = x.index_select(0, plan.gather)
+        source_logits = None
         if extra is not None:
-            x = torch.cat([x, extra])
-        batch = _Batch(self.layers, groups, self.window, 0 if extra is None else extra.shape[0])
+            count = extra.shape[0]
+            logits, problems = self._step(torch.cat([x, extra]), plan.groups, commit, count)
+            logits, source_logits = logits[:-count], logits[-count:]
+        elif plan.bucket is not None and self.compiled is not None:
+            logits, problems = self.compiled(x, plan.groups, self._commit_flags[bool(commit)])
+        else:
+            logits, problems = self._step(x, plan.groups, commit)
+        if plan.back is not None:
+            logits = logits.index_select(0, plan.back)
+        if plan.streams is not None:
+            problems = problems.index_select(0, plan.streams)
+        return logits, problems, source_logits
+
+    def _step(
+        self, x: Tensor, groups: list[_Group], commit: bool | Tensor, source_rows: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Gather, forward, check and commit the groups' streams (what the compiled step traces).
+
+        ``x`` holds the groups' rows in order. ``commit`` may be a bool tensor, so that
+        committing and not committing are one compiled variant.
+        """
+        batch = _Batch(self.layers, groups, self.window, source_rows)
         for group in groups:
             group.layers, group.head, group.hparams = group.pool.gather(group.slots)
             group.broken = {}
             streams = torch.arange(group.images.shape[0], device=group.segment.device)
-            group.members = (streams[:, None] == group.segment[None, :]).double()
+            members = streams[:, None] == group.segment[None, :]
+            if group.valid is not None:
+                members = members & group.valid[None, :]
+            group.members = members.double()
         with self._autocast():
             logits = self.network.forward(x, batch).float()
-        source_logits = None
-        if extra is not None:
-            logits, source_logits = logits[: -extra.shape[0]], logits[-extra.shape[0] :]
         problems = [self._problems(group, logits[group.start : group.stop]) for group in groups]
         # Only now, with the whole batch computed, do the streams' states change.
-        if commit:
+        if commit is not False:
             for group, flags in zip(groups, problems, strict=True):
                 if group.adapt:
-                    keep = ~flags.flatten(1).any(1)
-                    group.pool.commit(group.slots, group.layers, group.head, keep)
-        if order is not None:
-            logits = torch.empty_like(logits).index_copy_(0, order, logits)
-        return logits, torch.cat(problems), source_logits
+                    _commit(group, ~flags.flatten(1).any(1) & commit)
+        return logits, torch.cat(problems)
 
     def _problems(self, group: _Group, logits: Tensor) -> Tensor:
         """The group's streams' problems ``[S, 2, parts]``: staged states, then logits.
@@ -548,30 +629,31 @@ class Engine:
         logit_flags = torch.stack([bad_logits, torch.zeros_like(bad_logits)], 1)
         return torch.cat([state, logit_flags[:, :, None]], 2)
 
-    def _replay(
-        self, x: Tensor, order: Tensor | None, groups: list[_Group]
-    ) -> tuple[Tensor, Tensor]:
+    def _replay(self, x: Tensor, plan: _Plan) -> tuple[Tensor, Tensor]:
         """The forward as one CUDA graph replay, captured once per batch layout.
 
         Eagerly, the statistics cost hundreds of tiny kernel launches per forward, which
         dominate on a GPU; a replay launches them all at once. A layout is the batch shape
         and, per group, its pool, ``adapt`` flag, rows and number of streams; the slots,
         segments and images are copied into the graph's static inputs. The whole forward,
-        the commit of the new states included, is one replay: it cannot fail half-way.
+        the commit of the new states included, is one replay: it cannot fail half-way. A
+        bucketed plan captures the compiled step (the engine's own capture: inductor's
+        ``reduce-overhead`` would not capture a step that writes the state pools).
         """
         key = (
             tuple(x.shape),
             x.dtype,
-            order is None,
-            tuple((g.pool.key, g.adapt, g.start, g.stop, g.images.shape[0]) for g in groups),
+            plan.bucket,
+            tuple(None if t is None else t.shape for t in (plan.gather, plan.back, plan.streams)),
+            tuple((g.pool.key, g.adapt, g.start, g.stop, g.images.shape[0]) for g in plan.groups),
         )
         graph = self._graphs.pop(key, None)
         if graph is None:
-            graph = _CapturedForward(self, x, order, groups)
+            graph = _CapturedForward(self, x, plan)
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
         self._graphs[key] = graph  # most recently used last
-        return graph.replay(x, order, groups)
+        return graph.replay(x, plan)
 
     @torch.inference_mode()
     def forward_source(self, images: Tensor) -> Tensor:
@@ -589,10 +671,12 @@ class Engine:
             cache_enabled=False,
         )
 
-    def _plan(
-        self, segments: Sequence[tuple[StreamHandle, int]], flags: list[bool]
-    ) -> tuple[Tensor | None, list[_Group]]:
-        """Group segments by (pool, adapt) into contiguous rows; the row order if it changed."""
+    def _plan(self, segments: Sequence[tuple[StreamHandle, int]], flags: list[bool]) -> _Plan:
+        """Group segments by (pool, adapt) into contiguous rows, padded to buckets if compiled.
+
+        A batch that fits the buckets (every group's rows and streams) is bucketed; any other
+        runs eagerly, at its own sizes.
+        """
         grouped: dict[tuple[PoolKey, bool], list[tuple[int, StreamHandle, int, int]]] = {}
         start = 0
         for index, ((stream, count), flag) in enumerate(zip(segments, flags, strict=True)):
@@ -600,31 +684,82 @@ class Engine:
                 raise ValueError("every segment needs at least one image")
             grouped.setdefault((stream.pool, flag), []).append((start, stream, count, index))
             start += count
+        padded = None
+        if self.compiled is not None:
+            padded = self.compiled.pad(
+                [
+                    (key, flag, sum(count for _, _, count, _ in members), len(members))
+                    for (key, flag), members in grouped.items()
+                ]
+            )
         rows: list[int] = []
+        back = [0] * start
         groups = []
-        for (key, flag), members in grouped.items():
+        for number, ((key, flag), members) in enumerate(grouped.items()):
             first = len(rows)
             segment: list[int] = []
             for position, (offset, _, count, _) in enumerate(members):
-                rows.extend(range(offset, offset + count))
+                for row in range(offset, offset + count):
+                    back[row] = len(rows)
+                    rows.append(row)
                 segment.extend([position] * count)
+            slots = [s.slot for _, s, _, _ in members]
+            images = [float(c) for _, _, c, _ in members]
+            streams = len(members)
             pool = self.pools[key]
-            groups.append(
-                _Group(
-                    adapter=pool.adapter,
-                    pool=pool,
-                    start=first,
-                    stop=len(rows),
-                    adapt=flag,
-                    slots=self._to_device([s.slot for _, s, _, _ in members], torch.int64),
-                    segment=self._to_device(segment, torch.int64),
-                    images=self._to_device([c for _, _, c, _ in members], torch.float64),
-                    indices=[i for _, _, _, i in members],
-                )
+            group = _Group(
+                adapter=pool.adapter,
+                pool=pool,
+                start=first,
+                stop=len(rows),
+                adapt=flag,
+                slots=self._to_device(slots, torch.int64),
+                segment=self._to_device(segment, torch.int64),
+                images=self._to_device(images, torch.float64),
+                indices=[i for _, _, _, i in members],
             )
-        contiguous = rows == list(range(len(rows)))
-        order = None if contiguous else self._to_device(rows, torch.int64)
-        return order, groups
+            if padded is not None:
+                group_rows, group_streams = padded[number]
+                extra_rows = group_rows - (len(rows) - first)
+                extra = group_streams - streams
+                valid = [True] * (len(rows) - first) + [False] * extra_rows
+                rows.extend([rows[first]] * extra_rows)  # a real image, in no stream
+                segment.extend([0] * extra_rows)
+                # Padding streams copy the last real stream: same slot, same state, same
+                # committed values, so the duplicate writes agree.
+                group = dataclasses.replace(
+                    group,
+                    stop=len(rows),
+                    slots=self._to_device(slots + [slots[-1]] * extra, torch.int64),
+                    segment=self._to_device(segment, torch.int64),
+                    images=self._to_device(images + [1.0] * extra, torch.float64),
+                    valid=self._to_device(valid, torch.bool),
+                    source=self._to_device(
+                        list(range(streams)) + [streams - 1] * extra, torch.int64
+                    ),
+                )
+            groups.append(group)
+        if padded is None:
+            if rows == list(range(len(rows))):
+                return _Plan(groups)
+            order = self._to_device(rows, torch.int64)
+            return _Plan(groups, order, self._to_device(back, torch.int64))
+        offsets, offset = [], 0
+        for group in groups:
+            offsets.append(offset)
+            offset += group.images.shape[0]
+        streams_rows = [
+            offsets[g] + s for g, group in enumerate(groups) for s in range(len(group.indices))
+        ]
+        return _Plan(
+            groups,
+            gather=self._to_device(rows, torch.int64),
+            back=self._to_device(back, torch.int64),
+            streams=self._to_device(streams_rows, torch.int64),
+            bucket=tuple(
+                (g.pool.key, g.adapt, g.stop - g.start, g.images.shape[0]) for g in groups
+            ),
+        )
 
     def _to_device(self, values: list, dtype: torch.dtype) -> Tensor:
         """A small host list as a device tensor, without a blocking copy on CUDA."""
@@ -646,44 +781,70 @@ def _pool_key(adapter: Adapter, config: BaseModel) -> PoolKey:
     return adapter.name, tuple((name, getattr(config, name)) for name in adapter.structural)
 
 
+def _commit(group: _Group, keep: Tensor) -> None:
+    """Write the group's staged states where ``keep`` [S]; padding streams write their copies."""
+    layers, head = group.layers, group.head
+    if group.source is not None:
+        # A padding stream has its source stream's slot: give it the same values and flag.
+        rows = group.source
+        keep = keep.index_select(0, rows)
+        layers = [{k: v.index_select(0, rows) for k, v in state.items()} for state in layers]
+        head = {k: v.index_select(0, rows) for k, v in head.items()}
+    group.pool.commit(group.slots, layers, head, keep)
+
+
 class _CapturedForward:
     """One batch layout's forward captured as a CUDA graph, with its static inputs."""
 
-    def __init__(
-        self, engine: Engine, x: Tensor, order: Tensor | None, groups: list[_Group]
-    ) -> None:
+    def __init__(self, engine: Engine, x: Tensor, plan: _Plan) -> None:
         self.x = x.clone()
-        self.order = None if order is None else order.clone()
-        self.groups = [
-            dataclasses.replace(
-                g, slots=g.slots.clone(), segment=g.segment.clone(), images=g.images.clone()
-            )
-            for g in groups
-        ]
+        self.plan = _static_copy(plan)
         # Warm up on a side stream (cuDNN picks its kernels, workspaces are allocated)
         # without committing: a warm-up must not change any stream.
         side = torch.cuda.Stream(engine.device)
         side.wait_stream(torch.cuda.current_stream(engine.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                engine._run(self.x, self.order, self.groups, commit=False)
+                engine._run(self.x, self.plan, commit=False)  # warm-up
         torch.cuda.current_stream(engine.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits, self.problems, _ = engine._run(
-                self.x, self.order, self.groups, commit=True
-            )
+            self.logits, self.problems, _ = engine._run(self.x, self.plan, commit=True)
 
-    def replay(
-        self, x: Tensor, order: Tensor | None, groups: list[_Group]
-    ) -> tuple[Tensor, Tensor]:
+    def replay(self, x: Tensor, plan: _Plan) -> tuple[Tensor, Tensor]:
         """Copy this batch into the static inputs, replay, and return copies of the outputs."""
         self.x.copy_(x, non_blocking=True)
-        if order is not None and self.order is not None:
-            self.order.copy_(order, non_blocking=True)
-        for static, group in zip(self.groups, groups, strict=True):
-            static.slots.copy_(group.slots, non_blocking=True)
-            static.segment.copy_(group.segment, non_blocking=True)
-            static.images.copy_(group.images, non_blocking=True)
+        for static, value in zip(_tensors(self.plan), _tensors(plan), strict=True):
+            static.copy_(value, non_blocking=True)
         self.graph.replay()
         return self.logits.clone(), self.problems.clone()
+
+
+GROUP_INPUTS = ("slots", "segment", "images", "valid", "source")
+
+
+def _static_copy(plan: _Plan) -> _Plan:
+    """The plan with its own copies of every per-batch tensor (a captured graph's inputs)."""
+    groups = [
+        dataclasses.replace(
+            g,
+            **{
+                name: getattr(g, name).clone()
+                for name in GROUP_INPUTS
+                if getattr(g, name) is not None
+            },
+        )
+        for g in plan.groups
+    ]
+    copies = [None if t is None else t.clone() for t in (plan.gather, plan.back, plan.streams)]
+    return dataclasses.replace(
+        plan, groups=groups, gather=copies[0], back=copies[1], streams=copies[2]
+    )
+
+
+def _tensors(plan: _Plan) -> list[Tensor]:
+    """The plan's per-batch tensors, in a fixed order."""
+    found = [t for t in (plan.gather, plan.back, plan.streams) if t is not None]
+    for group in plan.groups:
+        found.extend(getattr(group, n) for n in GROUP_INPUTS if getattr(group, n) is not None)
+    return found

@@ -2,13 +2,14 @@
 
 Outside a batch context a ``StreamNorm2d`` is the source model's eval-mode BN. Inside one (set by
 :meth:`TorchNetwork.forward` for the duration of one forward), it asks the batch for the
-per-image statistics to normalise with.
+per-image statistics to normalise with. The batch in progress is held by a plain object shared by
+the network's layers, not a ContextVar: ``torch.compile`` traces through an attribute write but
+not through ``ContextVar.set`` (the engine is single-threaded: one forward at a time).
 """
 
 from __future__ import annotations
 
 import copy
-from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,12 @@ from torch import Tensor, nn
 from adapters.base import SourceStats
 from engine.network import NormLayer, Statistics, normalize
 
-ACTIVE_BATCH: ContextVar[Statistics | None] = ContextVar("tta_active_batch", default=None)
+
+class ActiveBatch:
+    """The batch in progress of one network (None outside a forward)."""
+
+    def __init__(self) -> None:
+        self.batch: Statistics | None = None
 
 
 class StreamNorm2d(nn.Module):
@@ -28,8 +34,9 @@ class StreamNorm2d(nn.Module):
     weight: Tensor
     bias: Tensor
 
-    def __init__(self, bn: nn.BatchNorm2d, index: int) -> None:
+    def __init__(self, bn: nn.BatchNorm2d, index: int, active: ActiveBatch) -> None:
         super().__init__()
+        self.active = active
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError("BatchNorm2d without running statistics cannot be served")
         self.index = index
@@ -49,7 +56,7 @@ class StreamNorm2d(nn.Module):
         return NormLayer(name, source, self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch = ACTIVE_BATCH.get()
+        batch = self.active.batch
         if batch is None:
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
@@ -61,7 +68,7 @@ class StreamNorm2d(nn.Module):
         return f"{self.running_mean.numel()}, eps={self.eps}, index={self.index}"
 
 
-def convert_batchnorm(model: nn.Module) -> list[StreamNorm2d]:
+def convert_batchnorm(model: nn.Module, active: ActiveBatch) -> list[StreamNorm2d]:
     """Replace every BatchNorm2d of ``model`` in place by a StreamNorm2d; return them in order.
 
     Only BatchNorm2d is adapted: BatchNorm1d layers (L = 1, no instance statistics) keep the
@@ -71,7 +78,7 @@ def convert_batchnorm(model: nn.Module) -> list[StreamNorm2d]:
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.BatchNorm2d):
-                layer = StreamNorm2d(child, len(layers))
+                layer = StreamNorm2d(child, len(layers), active)
                 setattr(parent, name, layer)
                 layers.append(layer)
     return layers
@@ -89,7 +96,8 @@ class TorchNetwork:
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.model = copy.deepcopy(model).eval()
-        modules = convert_batchnorm(self.model)
+        self.active = ActiveBatch()
+        modules = convert_batchnorm(self.model, self.active)
         if not modules:
             raise ValueError("the model has no BatchNorm2d layer: nothing to adapt")
         self.model.to(device).requires_grad_(False)
@@ -99,8 +107,8 @@ class TorchNetwork:
 
     def forward(self, x: Tensor, batch: Statistics | None) -> Tensor:
         """The model's forward, its norm layers asking ``batch`` (None: source statistics)."""
-        token = ACTIVE_BATCH.set(batch)
+        previous, self.active.batch = self.active.batch, batch
         try:
             return self.model(x)
         finally:
-            ACTIVE_BATCH.reset(token)
+            self.active.batch = previous

@@ -40,7 +40,7 @@ from service.middleware import (
     MetricsMiddleware,
     ServedByMiddleware,
 )
-from service.runtime import load_runtime, resolve_device
+from service.runtime import CompileOptions, load_runtime, resolve_device
 from service.safety import SafetyLimits
 from service.scheduler import Batcher
 from service.schemas import Base64Images
@@ -220,6 +220,14 @@ async def _start(state: AppState, store: StateStore) -> None:
                 observer_window=settings.observer_window,
                 amp=settings.amp,
                 cuda_graphs=settings.cuda_graphs,
+                compile=CompileOptions(
+                    settings.engine_mode,
+                    settings.compile_row_buckets,
+                    settings.compile_stream_buckets,
+                    settings.compile_warmup,
+                    settings.default_adapter,
+                    settings.default_adapter_config,
+                ),
                 max_state_bytes=settings.max_state_bytes,
                 max_state_header_bytes=settings.max_state_header_bytes,
                 writer=writer,

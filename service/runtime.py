@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
 
+from engine.compiled import DEFAULT_BUCKETS, compiled_is_faster
 from engine.core import Engine
 from engine.network import Network
 from models import (
@@ -35,6 +37,22 @@ from service.streams import StoreWriter, StreamSlots
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How a PyTorch model's engine runs its forward (settings ``engine_mode``, ``compile_*``)."""
+
+    mode: str = "eager"  # auto | eager | compiled
+    row_buckets: Sequence[int] = DEFAULT_BUCKETS
+    stream_buckets: Sequence[int] = DEFAULT_BUCKETS
+    warmup: Sequence[tuple[int, int]] = ()
+    adapter: str = "adabn"  # the adapter the warm-up compiles for, with its config
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def compiled(self, device: torch.device) -> bool:
+        """Whether to compile on ``device``."""
+        return self.mode == "compiled" or (self.mode == "auto" and compiled_is_faster(device.type))
 
 
 class RequestQueue(Protocol):
@@ -118,6 +136,7 @@ def load_runtime(
     observer_window: int,
     amp: bool,
     cuda_graphs: bool = False,
+    compile: CompileOptions | None = None,
     max_state_bytes: int = 0,
     max_state_header_bytes: int = 0,
     writer: StoreWriter,
@@ -138,6 +157,8 @@ def load_runtime(
     autocast = None
     if amp and device.type == "cuda":
         autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    compile = compile or CompileOptions()
+    compiled = spec.backend == "torch" and compile.compiled(device)
     engine = Engine(
         network,
         name=spec.name,
@@ -149,7 +170,13 @@ def load_runtime(
         cuda_graphs=cuda_graphs,
         max_state_bytes=max_state_bytes,
         max_state_header_bytes=max_state_header_bytes,
+        mode="compiled" if compiled else "eager",
+        row_buckets=compile.row_buckets,
+        stream_buckets=compile.stream_buckets,
     )
+    if compiled and compile.warmup:
+        logger.info("compiling %s for layouts %s", spec.name, list(compile.warmup))
+        engine.warm_up(compile.adapter, compile.config, compile.warmup, (3, *spec.input_size))
     metrics.state_memory_limit.labels(spec.name).set(max_state_bytes)
     metrics.model_info.labels(
         spec.name,

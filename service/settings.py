@@ -149,6 +149,31 @@ class Settings(BaseSettings):
         default=False,
         description="replay each batch layout as a CUDA graph (not yet validated on a GPU)",
     )
+    engine_mode: Literal["auto", "eager", "compiled"] = Field(
+        default="auto",
+        description=(
+            "eager: the reference forward; compiled: torch.compile (inductor) per bucket layout "
+            "(PyTorch models; engine/compiled.py); auto: compiled where bench.engine measured it "
+            "faster on this device kind (docs/performance.md)"
+        ),
+    )
+    compile_row_buckets: list[PositiveInt] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256],
+        min_length=1,
+        description="compiled: images per group (one pool's streams) are padded to these sizes",
+    )
+    compile_stream_buckets: list[PositiveInt] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256],
+        min_length=1,
+        description="compiled: streams per group are padded to these sizes",
+    )
+    compile_warmup: list[tuple[PositiveInt, PositiveInt]] = Field(
+        default_factory=lambda: [(1, 1)],
+        description=(
+            "compiled: (images, streams) layouts of the default adapter compiled at start-up "
+            "(each takes seconds to minutes on a CPU); other layouts compile on first use"
+        ),
+    )
     model_cache_dir: Path = Field(
         default=Path("~/.cache/tta-serve/models"), description="weights cache (seed it offline)"
     )

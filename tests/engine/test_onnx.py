@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from adapters import ADAPTERS
 from engine import Engine, StreamHandle
-from engine.onnx_backend import OnnxNetwork, load_onnx, module_order
+from engine.onnx_backend import Design, OnnxNetwork, load_onnx, module_order
 from models import IncompatibleModelError, ModelError, create_model, get_spec, normalize
 from models.export_onnx import export_onnx, to_onnx
 from tests.adapters.conftest import images, tiny_net
@@ -23,6 +23,7 @@ from tests.adapters.conftest import images, tiny_net
 MODEL = "cifar10_resnet20"
 CPU = torch.device("cpu")
 NAMES = sorted(ADAPTERS)
+DESIGNS: tuple[Design, ...] = ("fused", "segments")
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,23 @@ def cifar(shared_dir: Path) -> Tensor:
     return normalize(batch, get_spec(MODEL))
 
 
-def engines(resnet20: tuple[nn.Module, Path]) -> tuple[Engine, Engine]:
+@pytest.fixture(scope="module")
+def networks(resnet20: tuple[nn.Module, Path]) -> dict[str, OnnxNetwork]:
+    """The exported file loaded with each design, shared by the tests of this module.
+
+    A network keeps no stream state (only its sessions, built on first use), so engines that
+    share it are as independent as engines on separate loads.
+    """
+    return {design: load_onnx(resnet20[1], CPU, design=design) for design in DESIGNS}
+
+
+def engines(
+    resnet20: tuple[nn.Module, Path], network: OnnxNetwork | None = None
+) -> tuple[Engine, Engine]:
     model, path = resnet20
     return (
         Engine(model, name=MODEL, num_classes=10),
-        Engine(load_onnx(path, CPU), name=MODEL, num_classes=10),
+        Engine(network or load_onnx(path, CPU), name=MODEL, num_classes=10),
     )
 
 
@@ -73,12 +86,21 @@ def assert_same_state(first: Engine, a: StreamHandle, second: Engine, b: StreamH
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=key)
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("adapter", NAMES)
 def test_a_stream_matches_the_pytorch_engine(
-    resnet20: tuple[nn.Module, Path], cifar: Tensor, adapter: str
+    resnet20: tuple[nn.Module, Path],
+    networks: dict[str, OnnxNetwork],
+    cifar: Tensor,
+    adapter: str,
+    design: Design,
 ) -> None:
-    """Five batches of 16, then five of one image: logits, top-1 and state as in PyTorch."""
-    reference, served = engines(resnet20)
+    """Five batches of 16, then five of one image: logits, top-1 and state as in PyTorch.
+
+    Then a batch with ``adapt`` off: the same logits, and the states stay as they were.
+    """
+    network = networks[design]
+    reference, served = engines(resnet20, network)
     a, b = reference.open_stream(adapter, seed=7), served.open_stream(adapter, seed=7)
     batches = [cifar[16 * i : 16 * (i + 1)] for i in range(5)]
     batches += [cifar[80 + i : 81 + i] for i in range(5)]
@@ -88,12 +110,20 @@ def test_a_stream_matches_the_pytorch_engine(
             reference.forward(x, [(a, n)]).logits, served.forward(x, [(b, n)]).logits
         )
     assert_same_state(reference, a, served, b)
+    x = cifar[85:93]
+    expected = reference.forward(x, [(a, 8)], adapt=False).logits
+    assert_same_logits(expected, served.forward(x, [(b, 8)], adapt=False).logits)
+    assert_same_state(reference, a, served, b)
+    # A batch of one stream ran as one graph in the fused design, as segments otherwise.
+    fused = network.fused is not None and (b.pool, False) in network.fused.graphs
+    assert fused == (design == "fused")
 
 
 def test_a_batch_mixing_adapters_matches_the_pytorch_engine(
-    resnet20: tuple[nn.Module, Path], cifar: Tensor
+    resnet20: tuple[nn.Module, Path], networks: dict[str, OnnxNetwork], cifar: Tensor
 ) -> None:
-    reference, served = engines(resnet20)
+    """Several groups of streams in a batch: they run the cut graph, in the fused design too."""
+    reference, served = engines(resnet20, networks["fused"])
     pairs = [
         (reference.open_stream(name, seed=i), served.open_stream(name, seed=i))
         for i, name in enumerate(NAMES)
@@ -110,10 +140,13 @@ def test_a_batch_mixing_adapters_matches_the_pytorch_engine(
 
 @pytest.mark.parametrize("adapter", NAMES)
 def test_a_state_moves_between_the_backends(
-    resnet20: tuple[nn.Module, Path], cifar: Tensor, adapter: str
+    resnet20: tuple[nn.Module, Path],
+    networks: dict[str, OnnxNetwork],
+    cifar: Tensor,
+    adapter: str,
 ) -> None:
     """A state exported by one backend, imported into the other: the same next predictions."""
-    reference, served = engines(resnet20)
+    reference, served = engines(resnet20, networks["fused"])
     for source, target in ((reference, served), (served, reference)):
         stream = source.open_stream(adapter, seed=3)
         source.forward(cifar[:32], [(stream, 32)])
@@ -127,9 +160,9 @@ def test_a_state_moves_between_the_backends(
 
 
 def test_the_source_forward_is_the_plain_file(
-    resnet20: tuple[nn.Module, Path], cifar: Tensor
+    resnet20: tuple[nn.Module, Path], networks: dict[str, OnnxNetwork], cifar: Tensor
 ) -> None:
-    reference, served = engines(resnet20)
+    reference, served = engines(resnet20, networks["fused"])
     assert_same_logits(reference.forward_source(cifar), served.forward_source(cifar))
 
 
@@ -150,6 +183,28 @@ def test_a_failed_segment_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(RuntimeError, match="segment failed"):
         engine.forward(images(5, 1, shift=1.0), [(a, 2), (b, 3)])
     assert [engine.export_stream(s) for s in (a, b)] == before
+
+
+def test_a_failed_fused_run_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward whose one graph fails commits no state; the next one runs as before."""
+    network = OnnxNetwork(to_onnx(tiny_net(), (3, 8, 8)), CPU)
+    assert network.fused is not None
+    engine = Engine(network, num_classes=5)
+    stream = engine.open_stream("adabn")
+    engine.forward(images(2, 0), [(stream, 2)])
+    before = engine.export_stream(stream)
+    run = network.fused.run
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("graph failed")
+
+    monkeypatch.setattr(network.fused, "run", fail)
+    with pytest.raises(RuntimeError, match="graph failed"):
+        engine.forward(images(3, 1, shift=1.0), [(stream, 3)])
+    assert engine.export_stream(stream) == before
+    monkeypatch.setattr(network.fused, "run", run)
+    engine.forward(images(3, 1, shift=1.0), [(stream, 3)])
+    assert engine.export_stream(stream) != before
 
 
 def test_layers_are_numbered_as_pytorch_numbers_them() -> None:
@@ -244,11 +299,15 @@ def test_the_export_refuses_a_model_without_batchnorm() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_provider_matches_cpu(resnet20: tuple[nn.Module, Path], cifar: Tensor) -> None:
+@pytest.mark.parametrize("design", DESIGNS)
+def test_cuda_provider_matches_cpu(
+    resnet20: tuple[nn.Module, Path], cifar: Tensor, design: Design
+) -> None:
     """On CUDA (I/O binding, DLPack, torch's stream): the CPU backend's logits and states."""
     _, path = resnet20
     cpu = Engine(load_onnx(path, CPU), name=MODEL, num_classes=10)
-    gpu = Engine(load_onnx(path, torch.device("cuda")), name=MODEL, num_classes=10)
+    cuda = load_onnx(path, torch.device("cuda"), design=design)
+    gpu = Engine(cuda, name=MODEL, num_classes=10)
     for name in NAMES:
         a, b = cpu.open_stream(name, seed=1), gpu.open_stream(name, seed=1)
         for i in range(3):

@@ -236,7 +236,7 @@ def onnx_main(args, model: torch.nn.Module, classes: int, pretrained: bool, devi
     networks = {d: OnnxNetwork(proto, device, args.model, design=d) for d in ONNX_DESIGNS}
     plain = networks["fused"]
     served: dict[str, Network | torch.nn.Module] = {"torch": model}
-    served.update(networks)
+    served.update((design, network) for design, network in networks.items())
     engines = {
         backend: Engine(net, name=args.model, num_classes=classes, device=device, capacity=16)
         for backend, net in served.items()

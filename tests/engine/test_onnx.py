@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+import models.export_onnx as export_onnx_module
 from adapters import ADAPTERS
 from engine import Engine, StreamHandle
 from engine.onnx_backend import Design, OnnxNetwork, load_onnx, module_order
@@ -314,3 +315,19 @@ def test_cuda_provider_matches_cpu(
             x = cifar[16 * i : 16 * (i + 1)]
             expected = cpu.forward(x, [(a, 16)]).logits
             assert_same_logits(expected, gpu.forward(x, [(b, 16)]).logits.cpu())
+
+
+def test_export_onnx_uses_the_servers_weights_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tta-serve export-onnx`` reads TTA_MODEL_CACHE_DIR (seeded offline) as the server does."""
+    asked: list[Path] = []
+
+    def export(name: str, file: Path, *, cache_dir: Path) -> int:
+        asked.append(cache_dir)
+        return 19
+
+    monkeypatch.setattr(export_onnx_module, "export_onnx", export)
+    monkeypatch.setenv("TTA_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    export_onnx_module.main([MODEL, str(tmp_path / "model.onnx")])
+    assert asked == [tmp_path / "cache"]

@@ -243,7 +243,9 @@ class OnnxNetwork:
         if batch is None:
             return self._run(self.plain, {self.input_name: x}, [self.output_name])[0]
         if self.fused is not None and len(batch.groups) == 1:
-            return self.fused.forward(x, batch, batch.groups[0])
+            logits = self.fused.forward(x, batch, batch.groups[0])
+            if logits is not None:
+                return logits
         env = {self.input_name: x}
         for k, segment in enumerate(self.segments):
             if segment.session is not None:

@@ -36,6 +36,7 @@ from adapters.base import Adapter, SourceStats
 from adapters.drift import init_observer
 from engine.core import _moments, adapted_statistics
 from engine.network import Group, NormLayer, Statistics, normalize
+from models.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class FusedForward:
         self.run = run
         self.output = model.graph.output[0].name
         self.input = next(i.name for i in model.graph.input if i.name not in _constants(model))
-        self.graphs: dict[tuple[object, bool], ort.InferenceSession] = {}
+        self.graphs: dict[tuple[object, bool], ort.InferenceSession | None] = {}
         self.pixels: dict[tuple[int, ...], list[int]] = {}  # per input size, each layer's H*W
 
     @staticmethod
@@ -87,12 +88,18 @@ class FusedForward:
         versions = [e.version for e in model.opset_import if e.domain in ("", "ai.onnx")]
         return bool(versions) and versions[0] in EXPORT_OPSETS
 
-    def forward(self, x: Tensor, batch: Statistics, group: Group) -> Tensor:
-        """Logits of ``x``, one group of streams; stages the group's new states in ``batch``."""
+    def forward(self, x: Tensor, batch: Statistics, group: Group) -> Tensor | None:
+        """Logits of ``x``, one group of streams; stages the group's new states in ``batch``.
+
+        None, and nothing staged, when this group's graph could not be built (logged once):
+        the caller runs the cut graph instead.
+        """
         key = (group.pool.key, group.adapt)
-        session = self.graphs.get(key)
+        if key not in self.graphs:
+            self.graphs[key] = self._build(group)
+        session = self.graphs[key]
         if session is None:
-            session = self.graphs[key] = self.session(self._graph(group))
+            return None
         feeds = {self.input: x, SEGMENT: group.segment, IMAGES: group.images}
         feeds[MEMBERS] = group.members
         feeds.update((_hparam(k), value) for k, value in group.hparams.items())
@@ -111,6 +118,18 @@ class FusedForward:
             mean, var = results[1 + 2 * index], results[2 + 2 * index]
             batch.from_moments(index, mean, var, pixels[index])
         return results[0]
+
+    def _build(self, group: Group) -> ort.InferenceSession | None:
+        """The group's session, or None if its arithmetic does not trace or run in ORT."""
+        try:
+            return self.session(self._graph(group))
+        except (RuntimeError, ValueError, TypeError, ModelError) as error:
+            logger.warning(
+                "adapter %s: no fused ONNX graph (%s); its batches run the cut graph",
+                group.adapter.name,
+                error,
+            )
+            return None
 
     def _graph(self, group: Group) -> onnx.ModelProto:
         """The model with each adapted BN node replaced by the group's traced arithmetic."""

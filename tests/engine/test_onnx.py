@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import models.export_onnx as export_onnx_module
 from adapters import ADAPTERS
-from engine import Engine, StreamHandle
+from engine import Engine, StreamHandle, onnx_fused
 from engine.onnx_backend import Design, OnnxNetwork, load_onnx, module_order
 from models import IncompatibleModelError, ModelError, create_model, get_spec, normalize
 from models.export_onnx import export_onnx, to_onnx
@@ -116,7 +116,7 @@ def test_a_stream_matches_the_pytorch_engine(
     assert_same_logits(expected, served.forward(x, [(b, 8)], adapt=False).logits)
     assert_same_state(reference, a, served, b)
     # A batch of one stream ran as one graph in the fused design, as segments otherwise.
-    fused = network.fused is not None and (b.pool, False) in network.fused.graphs
+    fused = network.fused is not None and network.fused.graphs.get((b.pool, False)) is not None
     assert fused == (design == "fused")
 
 
@@ -206,6 +206,26 @@ def test_a_failed_fused_run_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(network.fused, "run", run)
     engine.forward(images(3, 1, shift=1.0), [(stream, 3)])
     assert engine.export_stream(stream) != before
+
+
+def test_a_group_whose_graph_cannot_be_built_runs_the_cut_graph(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An adapter whose arithmetic does not trace is logged and served by the segments."""
+    proto = to_onnx(tiny_net(), (3, 8, 8))
+    fused, segments = OnnxNetwork(proto, CPU), OnnxNetwork(proto, CPU, design="segments")
+
+    def untraceable(*args: object) -> None:
+        raise RuntimeError("cannot trace")
+
+    monkeypatch.setattr(onnx_fused, "_trace_layer", untraceable)
+    engines = [Engine(network, num_classes=5) for network in (fused, segments)]
+    streams = [engine.open_stream("momentum") for engine in engines]
+    x = images(4, 0)
+    first, second = (e.forward(x, [(s, 4)]).logits for e, s in zip(engines, streams, strict=True))
+    assert torch.equal(first, second)
+    assert fused.fused is not None and fused.fused.graphs[(streams[0].pool, True)] is None
+    assert "no fused ONNX graph (cannot trace)" in caplog.text
 
 
 def test_layers_are_numbered_as_pytorch_numbers_them() -> None:

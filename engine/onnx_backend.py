@@ -271,8 +271,9 @@ class OnnxNetwork:
             return [torch.from_numpy(a) for a in session.run(list(outputs), arrays)]
         binding = session.io_binding()
         index = self.device.index or 0
-        for name, tensor in feeds.items():
-            tensor = tensor.contiguous()
+        # Bound by pointer: the contiguous copies must live until the run is over.
+        inputs = {name: tensor.contiguous() for name, tensor in feeds.items()}
+        for name, tensor in inputs.items():
             binding.bind_input(
                 name,
                 "cuda",

@@ -14,8 +14,9 @@ one and against the eager adapted one, then 256 x 1, 64 x 4 and 1 x 256 streams
 (engine/compiled.py).
 
 ``--backend onnx`` times the ONNX Runtime backend instead: the model exported by
-``models.export_onnx``, its adapted forward against the untouched file in ONNX Runtime (BN
-constants, ORT's fusions on) and against the PyTorch engine's adapted forward.
+``models.export_onnx``, the adapted forward of both designs (fused graph, cut graph) against
+the untouched file in ONNX Runtime (BN constants, ORT's fusions on), and the fused design
+against the PyTorch engine's adapted forward.
 """
 
 from __future__ import annotations
@@ -27,13 +28,18 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    from engine.onnx_backend import Design
+
 from adapters import ADAPTERS
 from bench.report import command_line, machine, write_section
 from engine.core import Engine, StreamHandle
+from engine.network import Network
 from models import WeightsUnavailableError, create_model, get_spec
 from models.registry import build_architecture
 
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 
 TARGETS = {"adabn": 1.15, "alpha_bn": 1.15, "momentum": 1.15, "unmix_tns": 1.5}
 ONNX_TARGETS = {"adabn": 1.3, "alpha_bn": 1.3, "momentum": 1.3}
+ONNX_DESIGNS: tuple[Design, ...] = ("fused", "segments")
+ONNX_COLUMNS = ("fused/plain", "segments/plain", "fused/PyTorch")
 
 
 def load(name: str, cache_dir: Path) -> tuple[torch.nn.Module, int, bool]:
@@ -235,77 +243,86 @@ def main() -> None:
 
 
 def onnx_main(args, model: torch.nn.Module, classes: int, pretrained: bool, device) -> None:
-    """The ONNX backend: adapted / plain ONNX Runtime, and adapted ONNX / adapted PyTorch."""
+    """The ONNX backend, both designs: adapted / plain ONNX Runtime, adapted ONNX / PyTorch."""
     from engine.onnx_backend import OnnxNetwork
     from models.export_onnx import to_onnx
 
     spec = get_spec(args.model)
     h, w = spec.input_size
-    network = OnnxNetwork(to_onnx(model, (3, h, w)), device, args.model)
+    proto = to_onnx(model, (3, h, w))
+    networks = {d: OnnxNetwork(proto, device, args.model, design=d) for d in ONNX_DESIGNS}
+    plain = networks["fused"]
+    served: dict[str, Network | torch.nn.Module] = {"torch": model}
+    served.update((design, network) for design, network in networks.items())
     engines = {
         backend: Engine(net, name=args.model, num_classes=classes, device=device, capacity=16)
-        for backend, net in (("onnx", network), ("torch", model))
+        for backend, net in served.items()
     }
     measure = timer(device)
     generator = torch.Generator().manual_seed(0)
     adapters = sorted(ADAPTERS)
-    plain: dict[str, dict[int, tuple[float, float, float]]] = {name: {} for name in adapters}
-    torch_vs: dict[str, dict[int, tuple[float, float, float]]] = {name: {} for name in adapters}
+    # ratios[column][adapter][batch]: (median ratio, median time of the reference, of ONNX)
+    ratios: dict[str, dict[str, dict[int, tuple[float, float, float]]]] = {
+        column: {name: {} for name in adapters} for column in ONNX_COLUMNS
+    }
     jobs = [(name, b) for b in args.batch_sizes for name in adapters]
     with torch.inference_mode():
         for name, batch in tqdm(jobs, desc="adapters x batch sizes"):
             x = torch.randn((batch, 3, h, w), generator=generator).to(device)
             streams = {backend: engine.open_stream(name) for backend, engine in engines.items()}
 
-            def adapted(x=x, streams=streams, backend="onnx") -> object:
+            def adapted(backend: str, x=x, streams=streams) -> object:
                 return engines[backend].forward(x, [(streams[backend], len(x))]).logits
 
-            plain[name][batch] = paired_ratio(
-                measure, lambda x=x: network.forward(x, None), adapted, args.repeats, args.budget
-            )
-            torch_vs[name][batch] = paired_ratio(
-                measure,
-                lambda: adapted(backend="torch"),
-                adapted,
-                args.repeats,
-                args.budget,
-            )
-            tqdm.write(
-                f"{name} B={batch}: {plain[name][batch][0]:.2f} {torch_vs[name][batch][0]:.2f}"
-            )
+            def source(x=x) -> object:
+                return plain.forward(x, None)
+
+            pairs: dict[str, tuple[Callable[[], object], str]] = {
+                "fused/plain": (source, "fused"),
+                "segments/plain": (source, "segments"),
+                "fused/PyTorch": (lambda: adapted("torch"), "fused"),
+            }
+            for column, (reference, backend) in pairs.items():
+                ratios[column][name][batch] = paired_ratio(
+                    measure,
+                    reference,
+                    lambda backend=backend: adapted(backend),
+                    args.repeats,
+                    args.budget,
+                )
+            row = " ".join(f"{ratios[c][name][batch][0]:.2f}" for c in ONNX_COLUMNS)
+            tqdm.write(f"{name} B={batch}: {row}")
     sizes = args.batch_sizes
+    head = ["adapter"]
+    for column in ONNX_COLUMNS:
+        head += [f"{column} B={b}" for b in sizes]
+        if column == "fused/plain":
+            head.append("target at B=256")
     lines = [
         f"## ONNX Runtime backend, {args.model} on {device.type.upper()}",
         "",
         f"Machine: {machine(device)}. Command: `{command_line()}`. ONNX Runtime "
-        f"{_ort_version()}, {network.providers[0][0]}; {len(network.segments)} segments.",
+        f"{_ort_version()}, {plain.providers[0][0]}; {len(networks['segments'].segments)} "
+        "segments in the cut graph.",
         f"Weights: {'pretrained' if pretrained else 'random (same architecture and cost)'}; "
-        f"median of {args.repeats} interleaved pairs per cell.",
+        f"median of {args.repeats} interleaved pairs per cell; one stream of B images.",
         "",
-        "ONNX adapted forward time / ONNX plain forward time (the untouched file: BN constants, "
-        "ORT's fusions on), then ONNX adapted / PyTorch adapted (the engine of the same model):",
+        "Adapted forward time of each design (fused: the adapter's arithmetic in one graph, the "
+        "default; segments: the graph cut at every BN node) / the untouched file in ONNX "
+        "Runtime (plain: BN constants, ORT's fusions on), then the fused design / the PyTorch "
+        "engine's adapted forward:",
         "",
-        "| adapter | "
-        + " | ".join(f"/plain B={b}" for b in sizes)
-        + " | target at B=256 | "
-        + " | ".join(f"/PyTorch B={b}" for b in sizes)
-        + " |",
-        "| --- | "
-        + " | ".join("---" for _ in sizes)
-        + " | --- | "
-        + " | ".join("---" for _ in sizes)
-        + " |",
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join("---" for _ in head) + " |",
     ]
     for name in adapters:
-        verdict = ""
-        target = ONNX_TARGETS.get(name)
-        if target is not None and 256 in plain[name]:
-            ratio = plain[name][256][0]
-            verdict = f"<= {target}: {'met' if ratio <= target else 'MISSED'} ({ratio:.2f})"
-        cells = [f"{plain[name][b][0]:.2f}" for b in sizes]
-        versus = [f"{torch_vs[name][b][0]:.2f}" for b in sizes]
-        lines.append(f"| {name} | {' | '.join(cells)} | {verdict} | {' | '.join(versus)} |")
-    first = plain[adapters[0]]
+        cells = [name]
+        for column in ONNX_COLUMNS:
+            cells += [f"{ratios[column][name][b][0]:.2f}" for b in sizes]
+            if column == "fused/plain":
+                cells.append(_verdict(ONNX_TARGETS.get(name), ratios[column][name]))
+        lines.append("| " + " | ".join(cells) + " |")
+    first = ratios["fused/plain"][adapters[0]]
     lines += [
         "",
         "ONNX plain forward throughput (images/s): "
@@ -514,6 +531,14 @@ def compiled_main(args, model: torch.nn.Module, classes: int, pretrained: bool, 
     key = f"bench.engine:compiled-{device.type}"
     write_section(args.out, key, "\n".join(lines), title="Performance")
     log.info("\n".join(lines))
+
+
+def _verdict(target: float | None, by_batch: dict[int, tuple[float, float, float]]) -> str:
+    """``<= target: met (ratio)`` at batch 256, empty without a target or that batch."""
+    if target is None or 256 not in by_batch:
+        return ""
+    ratio = by_batch[256][0]
+    return f"<= {target}: {'met' if ratio <= target else 'MISSED'} ({ratio:.2f})"
 
 
 def _ort_version() -> str:

@@ -25,7 +25,15 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from adapters import get_adapter
-from adapters.base import Adapter, Moments, State, StateMismatchError, segment_sum
+from adapters.base import (
+    Adapter,
+    HParams,
+    Moments,
+    SourceStats,
+    State,
+    StateMismatchError,
+    segment_sum,
+)
 from adapters.drift import drift_report, drift_summaries, observe, observe_head
 from adapters.pool import MemoryBudget, StateLayout, StatePool, state_layout
 from adapters.state_io import check_state, export_state, read_state
@@ -163,10 +171,14 @@ class _Batch:
 
     def statistics(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-image (mean, var) for input ``x`` of BN layer ``index``; stages the new states."""
+        sample_mean, sample_var = instance_moments(x, self.layers[index].source.mean)
+        return self.from_moments(index, sample_mean, sample_var, x.shape[2] * x.shape[3])
+
+    def from_moments(
+        self, index: int, sample_mean: Tensor, sample_var: Tensor, pixels: int
+    ) -> tuple[Tensor, Tensor]:
+        """As :meth:`statistics`, from the input's per-image moments ``[N, C]`` over ``pixels``."""
         source = self.layers[index].source
-        adapted = x.shape[0] - self.source_rows
-        sample_mean, sample_var = instance_moments(x[:adapted], source.mean)
-        pixels = x.shape[2] * x.shape[3]
         means, variances = [], []
         for group in self.groups:
             moments, group.broken[index] = _moments(
@@ -177,17 +189,11 @@ class _Batch:
                 pixels,
                 group.members,
             )
-            adapter, hp = group.adapter, group.hparams
-            state = group.layers[index]
-            if group.adapt and adapter.update_first:
-                state = {**state, **adapter.update(state, moments, source, hp)}
-            mean, var = adapter.norm_stats(state, moments, source, hp)
-            if group.adapt and not adapter.update_first:
-                state = {**state, **adapter.update(state, moments, source, hp)}
+            mean, var, state = adapted_statistics(
+                group.adapter, group.layers[index], moments, source, group.hparams, group.adapt
+            )
             if group.adapt:
                 group.layers[index] = {**state, **observe(state, moments, self.window)}
-            if not adapter.per_sample:
-                mean, var = moments.per_image(mean), moments.per_image(var)
             means.append(mean)
             variances.append(var)
         if self.source_rows:
@@ -196,6 +202,28 @@ class _Batch:
         if len(means) == 1:
             return means[0], variances[0]
         return torch.cat([m.float() for m in means]), torch.cat([v.float() for v in variances])
+
+
+def adapted_statistics(
+    adapter: Adapter,
+    state: State,
+    moments: Moments,
+    source: SourceStats,
+    hp: HParams,
+    adapt: bool,
+) -> tuple[Tensor, Tensor, State]:
+    """Per-image (mean, var) of one group at one layer, and its new state if ``adapt``.
+
+    The adapter's order: "update, then normalise" or the reverse (``update_first``).
+    """
+    if adapt and adapter.update_first:
+        state = {**state, **adapter.update(state, moments, source, hp)}
+    mean, var = adapter.norm_stats(state, moments, source, hp)
+    if adapt and not adapter.update_first:
+        state = {**state, **adapter.update(state, moments, source, hp)}
+    if not adapter.per_sample:
+        mean, var = moments.per_image(mean), moments.per_image(var)
+    return mean, var, state
 
 
 def _moments(

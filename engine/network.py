@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adapters.base import SourceStats
+from adapters.base import Adapter, SourceStats, State
+from adapters.pool import StatePool
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,45 @@ class NormLayer:
     bias: Tensor  # [C] float32
 
 
+class Group(Protocol):
+    """The rows of a batch whose streams share an adapter, a state structure and ``adapt``."""
+
+    adapter: Adapter
+    pool: StatePool
+    adapt: bool
+    segment: Tensor  # [rows] int64: each row's stream within the group
+    images: Tensor  # [streams] float64: rows per stream
+    members: Tensor  # [streams, rows] float64 one-hot
+    layers: list[State]  # per BN layer, the streams' states before the batch
+    hparams: dict[str, Tensor]  # per hyperparameter, [streams]
+
+
 class Statistics(Protocol):
     """What a norm layer needs from the forward in progress."""
 
+    @property
+    def groups(self) -> Sequence[Group]:
+        """The batch's groups of streams, in row order."""
+        ...
+
+    @property
+    def source_rows(self) -> int:
+        """Rows after the groups' rows, normalised with the source statistics (copies of
+        images whose source prediction is asked for in the same forward)."""
+        ...
+
     def statistics(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-image (mean, var) ``[N, C]`` to normalise input ``x`` of layer ``index`` with."""
+        ...
+
+    def from_moments(
+        self, index: int, sample_mean: Tensor, sample_var: Tensor, pixels: int
+    ) -> tuple[Tensor, Tensor]:
+        """As :meth:`statistics`, from the input's per-image moments ``[N, C]`` over ``pixels``.
+
+        For a backend that computes the moments itself (the fused ONNX graph); like
+        :meth:`statistics`, it stages the streams' new states.
+        """
         ...
 
 

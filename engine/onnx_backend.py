@@ -18,6 +18,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -29,9 +30,12 @@ from torch import Tensor
 
 from adapters.base import SourceStats
 from engine.network import NormLayer, Statistics, normalize
+from engine.onnx_fused import FusedForward
 from models.errors import IncompatibleModelError, ModelError
 
 logger = logging.getLogger(__name__)
+
+Design = Literal["fused", "segments"]
 
 # BatchNormalization has its current inputs and outputs since opset 9 (no ``spatial``); ONNX
 # Runtime 1.31 runs up to opset 23. Beyond, a file may hold ops this runtime does not know.
@@ -86,6 +90,9 @@ class OnnxNetwork:
         device: cpu (CPUExecutionProvider) or cuda (CUDAExecutionProvider, on torch's stream).
         name: what errors call the model.
         channels: the input channels required (3 for images; None: any fixed number).
+        design: "fused" (default): a batch of one group of streams runs as one graph with the
+            adapter's arithmetic inside (``engine.onnx_fused``), other batches run the cut
+            graph; "segments": every batch runs the cut graph.
 
     Raises:
         IncompatibleModelError: an unsupported opset, an input that is not one NCHW float32
@@ -101,6 +108,7 @@ class OnnxNetwork:
         device: torch.device,
         name: str = "model",
         channels: int | None = 3,
+        design: Design = "fused",
     ) -> None:
         self.name = name
         self.device = device
@@ -136,6 +144,11 @@ class OnnxNetwork:
         self.segments = self._segments(model, nodes, cuts, types)
         # The untouched file, BN constants and ORT's fusions included: the source forward.
         self.plain = self._session(model)
+        self.fused: FusedForward | None = None
+        if design == "fused" and FusedForward.supports(model):
+            self.fused = FusedForward(
+                model, cuts, self.layers, self.order, self._session, self._run
+            )
 
     def _layer(self, node: onnx.NodeProto, values: dict[str, np.ndarray], index: int) -> NormLayer:
         """The NormLayer of one BatchNormalization node (its parameters must be constants)."""
@@ -221,12 +234,18 @@ class OnnxNetwork:
         return session
 
     def forward(self, x: Tensor, batch: Statistics | None) -> Tensor:
-        """Logits of ``x``: the segments, each cut normalising with ``batch``'s statistics.
+        """Logits of ``x``: the fused graph or the segments, with ``batch``'s statistics.
 
+        A batch of one group runs the fused graph (design "fused"); other batches, and those
+        with source rows, run the segments, each cut normalising with ``batch``'s statistics.
         Without a batch, the untouched file (BN as constants, fused by ONNX Runtime).
         """
         if batch is None:
             return self._run(self.plain, {self.input_name: x}, [self.output_name])[0]
+        if self.fused is not None and len(batch.groups) == 1 and not batch.source_rows:
+            logits = self.fused.forward(x, batch, batch.groups[0])
+            if logits is not None:
+                return logits
         env = {self.input_name: x}
         for k, segment in enumerate(self.segments):
             if segment.session is not None:
@@ -252,8 +271,9 @@ class OnnxNetwork:
             return [torch.from_numpy(a) for a in session.run(list(outputs), arrays)]
         binding = session.io_binding()
         index = self.device.index or 0
-        for name, tensor in feeds.items():
-            tensor = tensor.contiguous()
+        # Bound by pointer: the contiguous copies must live until the run is over.
+        inputs = {name: tensor.contiguous() for name, tensor in feeds.items()}
+        for name, tensor in inputs.items():
             binding.bind_input(
                 name,
                 "cuda",
@@ -270,6 +290,7 @@ class OnnxNetwork:
 
 _NUMPY_TYPES = {
     torch.float32: np.float32,
+    torch.float64: np.float64,
     torch.float16: np.float16,
     torch.int64: np.int64,
     torch.int32: np.int32,
@@ -277,9 +298,11 @@ _NUMPY_TYPES = {
 }
 
 
-def load_onnx(path: Path, device: torch.device, name: str = "model") -> OnnxNetwork:
+def load_onnx(
+    path: Path, device: torch.device, name: str = "model", design: Design = "fused"
+) -> OnnxNetwork:
     """Read, check and cut an ONNX classifier (see :class:`OnnxNetwork` for what is refused)."""
-    return OnnxNetwork(read_onnx(path, name), device, name)
+    return OnnxNetwork(read_onnx(path, name), device, name, design=design)
 
 
 def module_order(names: list[str]) -> list[int]:

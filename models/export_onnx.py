@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -84,7 +85,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("model", help="a registered model name (GET /v1/models lists them)")
     parser.add_argument("file", type=Path, help="the .onnx file to write")
     parser.add_argument(
-        "--cache-dir", type=Path, default=Path("~/.cache/tta-serve/models"), help="weights cache"
+        "--cache-dir",
+        type=Path,
+        # The server's weights cache (TTA_MODEL_CACHE_DIR, which scripts/env.sh seeds offline).
+        default=Path(os.environ.get("TTA_MODEL_CACHE_DIR", "~/.cache/tta-serve/models")),
+        help="weights cache (default: $TTA_MODEL_CACHE_DIR, else ~/.cache/tta-serve/models)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")

@@ -219,7 +219,7 @@ def load_onnx_model(entry: OnnxModel, device: torch.device) -> tuple[Network, Mo
     """
     from engine.onnx_backend import load_onnx  # onnxruntime loads only when a file is served
 
-    network = load_onnx(entry.file.expanduser(), device, entry.name)
+    network = load_onnx(entry.file.expanduser(), device, entry.name, design=entry.design)
     height, width = network.input_size
     if not (height and width) and entry.input_size is None:
         raise IncompatibleModelError(

@@ -49,6 +49,11 @@ class OnnxModel(BaseModel):
     mean: tuple[float, float, float] = Field(default=IMAGENET_MEAN, description="RGB mean, [0, 1]")
     std: tuple[float, float, float] = Field(default=IMAGENET_STD, description="RGB std, [0, 1]")
     resize: int | None = Field(default=None, description="shorter side resized to before the crop")
+    design: Literal["fused", "segments"] = Field(
+        default="fused",
+        description="fused: a batch of one adapter runs as one graph with the adapter inside "
+        "(faster); segments: every batch runs the graph cut at its BN nodes",
+    )
 
 
 class UserModel(BaseModel):

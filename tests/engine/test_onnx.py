@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+import models.export_onnx as export_onnx_module
 from adapters import ADAPTERS
-from engine import Engine, StreamHandle
-from engine.onnx_backend import OnnxNetwork, load_onnx, module_order
+from engine import Engine, StreamHandle, onnx_fused
+from engine.onnx_backend import Design, OnnxNetwork, load_onnx, module_order
 from models import IncompatibleModelError, ModelError, create_model, get_spec, normalize
 from models.export_onnx import export_onnx, to_onnx
 from tests.adapters.conftest import images, tiny_net
@@ -23,6 +24,7 @@ from tests.adapters.conftest import images, tiny_net
 MODEL = "cifar10_resnet20"
 CPU = torch.device("cpu")
 NAMES = sorted(ADAPTERS)
+DESIGNS: tuple[Design, ...] = ("fused", "segments")
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +55,23 @@ def cifar(shared_dir: Path) -> Tensor:
     return normalize(batch, get_spec(MODEL))
 
 
-def engines(resnet20: tuple[nn.Module, Path]) -> tuple[Engine, Engine]:
+@pytest.fixture(scope="module")
+def networks(resnet20: tuple[nn.Module, Path]) -> dict[str, OnnxNetwork]:
+    """The exported file loaded with each design, shared by the tests of this module.
+
+    A network keeps no stream state (only its sessions, built on first use), so engines that
+    share it are as independent as engines on separate loads.
+    """
+    return {design: load_onnx(resnet20[1], CPU, design=design) for design in DESIGNS}
+
+
+def engines(
+    resnet20: tuple[nn.Module, Path], network: OnnxNetwork | None = None
+) -> tuple[Engine, Engine]:
     model, path = resnet20
     return (
         Engine(model, name=MODEL, num_classes=10),
-        Engine(load_onnx(path, CPU), name=MODEL, num_classes=10),
+        Engine(network or load_onnx(path, CPU), name=MODEL, num_classes=10),
     )
 
 
@@ -73,12 +87,21 @@ def assert_same_state(first: Engine, a: StreamHandle, second: Engine, b: StreamH
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=key)
 
 
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("adapter", NAMES)
 def test_a_stream_matches_the_pytorch_engine(
-    resnet20: tuple[nn.Module, Path], cifar: Tensor, adapter: str
+    resnet20: tuple[nn.Module, Path],
+    networks: dict[str, OnnxNetwork],
+    cifar: Tensor,
+    adapter: str,
+    design: Design,
 ) -> None:
-    """Five batches of 16, then five of one image: logits, top-1 and state as in PyTorch."""
-    reference, served = engines(resnet20)
+    """Five batches of 16, then five of one image: logits, top-1 and state as in PyTorch.
+
+    Then a batch with ``adapt`` off: the same logits, and the states stay as they were.
+    """
+    network = networks[design]
+    reference, served = engines(resnet20, network)
     a, b = reference.open_stream(adapter, seed=7), served.open_stream(adapter, seed=7)
     batches = [cifar[16 * i : 16 * (i + 1)] for i in range(5)]
     batches += [cifar[80 + i : 81 + i] for i in range(5)]
@@ -88,12 +111,20 @@ def test_a_stream_matches_the_pytorch_engine(
             reference.forward(x, [(a, n)]).logits, served.forward(x, [(b, n)]).logits
         )
     assert_same_state(reference, a, served, b)
+    x = cifar[85:93]
+    expected = reference.forward(x, [(a, 8)], adapt=False).logits
+    assert_same_logits(expected, served.forward(x, [(b, 8)], adapt=False).logits)
+    assert_same_state(reference, a, served, b)
+    # A batch of one stream ran as one graph in the fused design, as segments otherwise.
+    fused = network.fused is not None and network.fused.graphs.get((b.pool, False)) is not None
+    assert fused == (design == "fused")
 
 
 def test_a_batch_mixing_adapters_matches_the_pytorch_engine(
-    resnet20: tuple[nn.Module, Path], cifar: Tensor
+    resnet20: tuple[nn.Module, Path], networks: dict[str, OnnxNetwork], cifar: Tensor
 ) -> None:
-    reference, served = engines(resnet20)
+    """Several groups of streams in a batch: they run the cut graph, in the fused design too."""
+    reference, served = engines(resnet20, networks["fused"])
     pairs = [
         (reference.open_stream(name, seed=i), served.open_stream(name, seed=i))
         for i, name in enumerate(NAMES)
@@ -110,10 +141,13 @@ def test_a_batch_mixing_adapters_matches_the_pytorch_engine(
 
 @pytest.mark.parametrize("adapter", NAMES)
 def test_a_state_moves_between_the_backends(
-    resnet20: tuple[nn.Module, Path], cifar: Tensor, adapter: str
+    resnet20: tuple[nn.Module, Path],
+    networks: dict[str, OnnxNetwork],
+    cifar: Tensor,
+    adapter: str,
 ) -> None:
     """A state exported by one backend, imported into the other: the same next predictions."""
-    reference, served = engines(resnet20)
+    reference, served = engines(resnet20, networks["fused"])
     for source, target in ((reference, served), (served, reference)):
         stream = source.open_stream(adapter, seed=3)
         source.forward(cifar[:32], [(stream, 32)])
@@ -127,10 +161,29 @@ def test_a_state_moves_between_the_backends(
 
 
 def test_the_source_forward_is_the_plain_file(
-    resnet20: tuple[nn.Module, Path], cifar: Tensor
+    resnet20: tuple[nn.Module, Path], networks: dict[str, OnnxNetwork], cifar: Tensor
 ) -> None:
-    reference, served = engines(resnet20)
+    reference, served = engines(resnet20, networks["fused"])
     assert_same_logits(reference.forward_source(cifar), served.forward_source(cifar))
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_source_logits_in_the_adapted_forward_are_the_plain_files(
+    resnet20: tuple[nn.Module, Path], networks: dict[str, OnnxNetwork], cifar: Tensor, design: str
+) -> None:
+    """Label feedback's source predictions (the ``source`` flag) on ONNX: the flagged images
+    run a second time normalised with the source statistics, in either design; the adapted
+    logits stay the PyTorch engine's."""
+    reference, served = engines(resnet20, networks[design])
+    x = cifar[:8]
+    results = []
+    for engine in (reference, served):
+        streams = [engine.open_stream("adabn"), engine.open_stream("adabn")]
+        results.append(engine.forward(x, [(streams[0], 3), (streams[1], 5)], source=[False, True]))
+    for result in results:
+        assert result.source_logits is not None
+        assert_same_logits(reference.forward_source(x[3:]), result.source_logits)
+    assert_same_logits(results[0].logits, results[1].logits)
 
 
 def test_a_failed_segment_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,6 +203,48 @@ def test_a_failed_segment_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(RuntimeError, match="segment failed"):
         engine.forward(images(5, 1, shift=1.0), [(a, 2), (b, 3)])
     assert [engine.export_stream(s) for s in (a, b)] == before
+
+
+def test_a_failed_fused_run_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward whose one graph fails commits no state; the next one runs as before."""
+    network = OnnxNetwork(to_onnx(tiny_net(), (3, 8, 8)), CPU)
+    assert network.fused is not None
+    engine = Engine(network, num_classes=5)
+    stream = engine.open_stream("adabn")
+    engine.forward(images(2, 0), [(stream, 2)])
+    before = engine.export_stream(stream)
+    run = network.fused.run
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("graph failed")
+
+    monkeypatch.setattr(network.fused, "run", fail)
+    with pytest.raises(RuntimeError, match="graph failed"):
+        engine.forward(images(3, 1, shift=1.0), [(stream, 3)])
+    assert engine.export_stream(stream) == before
+    monkeypatch.setattr(network.fused, "run", run)
+    engine.forward(images(3, 1, shift=1.0), [(stream, 3)])
+    assert engine.export_stream(stream) != before
+
+
+def test_a_group_whose_graph_cannot_be_built_runs_the_cut_graph(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An adapter whose arithmetic does not trace is logged and served by the segments."""
+    proto = to_onnx(tiny_net(), (3, 8, 8))
+    fused, segments = OnnxNetwork(proto, CPU), OnnxNetwork(proto, CPU, design="segments")
+
+    def untraceable(*args: object) -> None:
+        raise RuntimeError("cannot trace")
+
+    monkeypatch.setattr(onnx_fused, "_trace_layer", untraceable)
+    engines = [Engine(network, num_classes=5) for network in (fused, segments)]
+    streams = [engine.open_stream("momentum") for engine in engines]
+    x = images(4, 0)
+    first, second = (e.forward(x, [(s, 4)]).logits for e, s in zip(engines, streams, strict=True))
+    assert torch.equal(first, second)
+    assert fused.fused is not None and fused.fused.graphs[(streams[0].pool, True)] is None
+    assert "no fused ONNX graph (cannot trace)" in caplog.text
 
 
 def test_layers_are_numbered_as_pytorch_numbers_them() -> None:
@@ -244,14 +339,34 @@ def test_the_export_refuses_a_model_without_batchnorm() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_provider_matches_cpu(resnet20: tuple[nn.Module, Path], cifar: Tensor) -> None:
+@pytest.mark.parametrize("design", DESIGNS)
+def test_cuda_provider_matches_cpu(
+    resnet20: tuple[nn.Module, Path], cifar: Tensor, design: Design
+) -> None:
     """On CUDA (I/O binding, DLPack, torch's stream): the CPU backend's logits and states."""
     _, path = resnet20
     cpu = Engine(load_onnx(path, CPU), name=MODEL, num_classes=10)
-    gpu = Engine(load_onnx(path, torch.device("cuda")), name=MODEL, num_classes=10)
+    cuda = load_onnx(path, torch.device("cuda"), design=design)
+    gpu = Engine(cuda, name=MODEL, num_classes=10)
     for name in NAMES:
         a, b = cpu.open_stream(name, seed=1), gpu.open_stream(name, seed=1)
         for i in range(3):
             x = cifar[16 * i : 16 * (i + 1)]
             expected = cpu.forward(x, [(a, 16)]).logits
             assert_same_logits(expected, gpu.forward(x, [(b, 16)]).logits.cpu())
+
+
+def test_export_onnx_uses_the_servers_weights_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tta-serve export-onnx`` reads TTA_MODEL_CACHE_DIR (seeded offline) as the server does."""
+    asked: list[Path] = []
+
+    def export(name: str, file: Path, *, cache_dir: Path) -> int:
+        asked.append(cache_dir)
+        return 19
+
+    monkeypatch.setattr(export_onnx_module, "export_onnx", export)
+    monkeypatch.setenv("TTA_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    export_onnx_module.main([MODEL, str(tmp_path / "model.onnx")])
+    assert asked == [tmp_path / "cache"]

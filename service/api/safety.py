@@ -17,8 +17,10 @@ from service.errors import (
     CapacityError,
     FeedbackOffError,
     InvalidConfigError,
+    InvalidInputError,
     InvalidRequestError,
     InvalidStreamIdError,
+    PayloadTooLargeError,
     PredictionNotFoundError,
     SnapshotNotFoundError,
     StreamExistsError,
@@ -36,11 +38,14 @@ from service.schemas import (
 
 router = APIRouter(tags=["stream safety"])
 
+# A JSON body: read under the body limit (413), parsed (400), validated (422).
+JSON_BODY_ERRORS = (PayloadTooLargeError, InvalidInputError, InvalidRequestError)
+
 
 @router.post(
     "/{stream_id}/feedback",
     responses=v1_errors(
-        *STREAM_ERRORS, InvalidRequestError, FeedbackOffError, PredictionNotFoundError
+        *STREAM_ERRORS, *JSON_BODY_ERRORS, FeedbackOffError, PredictionNotFoundError
     ),
 )
 async def post_feedback(
@@ -90,7 +95,7 @@ async def post_feedback(
     status_code=status.HTTP_201_CREATED,
     responses=v1_errors(
         *LOADED_STREAM_ERRORS,
-        InvalidRequestError,
+        *JSON_BODY_ERRORS,
         InvalidStreamIdError,
         StreamExistsError,
         InvalidConfigError,
@@ -132,7 +137,7 @@ async def list_snapshots(stream_id: StreamIdPath, registry: RegistryDep) -> Snap
 
 @router.post(
     "/{stream_id}/rollback",
-    responses=v1_errors(*LOADED_STREAM_ERRORS, InvalidRequestError, SnapshotNotFoundError),
+    responses=v1_errors(*LOADED_STREAM_ERRORS, *JSON_BODY_ERRORS, SnapshotNotFoundError),
 )
 async def roll_back(
     stream_id: StreamIdPath,

@@ -5,7 +5,8 @@ Every adapter runs each protocol twice on the same streams, without and with an 
 batch exactly as the server checks it. The error % (mean over the corruptions) of both, their
 difference and the number of auto-resets go into a marked section of docs/safety.md.
 
-    uv run python -m bench.safety --n 200 --dirichlet-n 500 --device cpu   # ~10 min on 2 cores
+    uv run python -m bench.safety --n 200 --dirichlet-n 400 --dirichlet-corruptions 5 \
+        --adapters adabn     # ~20 min on 2 busy CPU cores (docs/safety.md)
 """
 
 from __future__ import annotations

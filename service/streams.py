@@ -341,6 +341,7 @@ class Resident:
     # Safety (docs/safety.md): the auto-reset detector, the remembered Idempotency-Keys
     # (stored with the state), the good states kept in memory for rollback.
     watch: Watch = field(default_factory=Watch)
+    # (the slots replace it with one bounded by their limits when they load the stream)
     requests: IdempotencyCache = field(default_factory=lambda: IdempotencyCache(32, 3600.0))
     snapshots: deque[Snapshot] = field(default_factory=deque)
     since_snapshot: int = 0

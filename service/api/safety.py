@@ -18,8 +18,10 @@ from service.errors import (
     CapacityError,
     FeedbackOffError,
     InvalidConfigError,
+    InvalidInputError,
     InvalidRequestError,
     InvalidStreamIdError,
+    PayloadTooLargeError,
     PredictionNotFoundError,
     SnapshotNotFoundError,
     StreamExistsError,
@@ -38,11 +40,14 @@ from service.streams import public_id
 
 router = APIRouter(tags=["stream safety"])
 
+# A JSON body: read under the body limit (413), parsed (400), validated (422).
+JSON_BODY_ERRORS = (PayloadTooLargeError, InvalidInputError, InvalidRequestError)
+
 
 @router.post(
     "/{stream_id}/feedback",
     responses=v1_errors(
-        *STREAM_ERRORS, InvalidRequestError, FeedbackOffError, PredictionNotFoundError
+        *STREAM_ERRORS, *JSON_BODY_ERRORS, FeedbackOffError, PredictionNotFoundError
     ),
 )
 async def post_feedback(
@@ -92,7 +97,7 @@ async def post_feedback(
     status_code=status.HTTP_201_CREATED,
     responses=v1_errors(
         *LOADED_STREAM_ERRORS,
-        InvalidRequestError,
+        *JSON_BODY_ERRORS,
         InvalidStreamIdError,
         StreamExistsError,
         InvalidConfigError,
@@ -145,7 +150,7 @@ async def list_snapshots(stream: ReadKey, registry: RegistryDep) -> SnapshotsPub
 
 @router.post(
     "/{stream_id}/rollback",
-    responses=v1_errors(*LOADED_STREAM_ERRORS, InvalidRequestError, SnapshotNotFoundError),
+    responses=v1_errors(*LOADED_STREAM_ERRORS, *JSON_BODY_ERRORS, SnapshotNotFoundError),
 )
 async def roll_back(
     stream: WriteKey,

@@ -65,6 +65,7 @@ class _Group:
     head: State = field(default_factory=dict)
     hparams: dict[str, Tensor] = field(default_factory=dict)
     broken: dict[int, Tensor] = field(default_factory=dict)  # layer -> [S] non-finite moments
+    pending: dict[int, Moments] = field(default_factory=dict)  # layer -> moments to fold in
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,9 @@ class _Batch:
             if group.adapt and adapter.update_first:
                 state = {**state, **adapter.update(state, moments, source, hp)}
             mean, var = adapter.norm_stats(state, moments, source, hp)
-            if group.adapt and not adapter.update_first:
+            if group.adapt and adapter.pseudo_labels:
+                group.pending[index] = moments  # folded in once the forward has predicted
+            elif group.adapt and not adapter.update_first:
                 state = {**state, **adapter.update(state, moments, source, hp)}
             if group.adapt:
                 group.layers[index] = {**state, **observe(state, moments, self.window)}
@@ -464,11 +467,13 @@ class Engine:
         batch = _Batch(self.layers, groups, self.window)
         for group in groups:
             group.layers, group.head, group.hparams = group.pool.gather(group.slots)
-            group.broken = {}
+            group.broken, group.pending = {}, {}
             streams = torch.arange(group.images.shape[0], device=group.segment.device)
             group.members = (streams[:, None] == group.segment[None, :]).double()
         with self._autocast():
             logits = self.network.forward(x, batch).float()
+        for group in groups:
+            self._fold_pending(group, logits[group.start : group.stop])
         problems = [self._problems(group, logits[group.start : group.stop]) for group in groups]
         # Only now, with the whole batch computed, do the streams' states change.
         if commit:
@@ -479,6 +484,21 @@ class Engine:
         if order is not None:
             logits = torch.empty_like(logits).index_copy_(0, order, logits)
         return logits, torch.cat(problems)
+
+    def _fold_pending(self, group: _Group, logits: Tensor) -> None:
+        """Stage the update of a pseudo-label adapter: each layer's moments with the predictions.
+
+        Its layers normalised with the state from before this batch; only now, with the logits,
+        is each image's predicted class known (the current forward's, not a previous one's).
+        """
+        if not group.pending:
+            return
+        labels = logits.argmax(1)
+        for index, moments in group.pending.items():
+            state = group.layers[index]
+            labelled = dataclasses.replace(moments, labels=labels)
+            new = group.adapter.update(state, labelled, self.layers[index].source, group.hparams)
+            group.layers[index] = {**state, **new}
 
     def _problems(self, group: _Group, logits: Tensor) -> Tensor:
         """The group's streams' problems ``[S, 2, parts]``: staged states, then logits.

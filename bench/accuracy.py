@@ -214,19 +214,24 @@ def build_protocol(
     batch: int = 64,
     single_n: int | None = None,
     delta: float = DIRICHLET_DELTA,
+    keys: Sequence[int] | None = None,
 ) -> Protocol:
     """The streams of one protocol over a pool whose row i has corruption ``domains[i]``.
 
     ``name`` is one of iid, continual, mixed, dirichlet, single; ``single_n`` caps the images per
-    corruption of the single-image protocol (N = 1 is slow: one call per image).
+    corruption of the single-image protocol (N = 1 is slow: one call per image). ``keys`` name
+    each domain for the seeding (default its index): with the corruption's index in the full
+    list, a run over a few corruptions gives each per-corruption stream exactly the images and
+    order it has in the run over all of them.
     """
     if name not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
     tag = PROTOCOLS.index(name) * 1000 + batch
     per_domain = [np.flatnonzero(domains == d) for d in np.unique(domains)]
+    keys = list(range(len(per_domain))) if keys is None else list(keys)
 
     def shuffled(d: int, rows: np.ndarray) -> np.ndarray:
-        return rows[_rng(seed, tag, d).permutation(len(rows))]
+        return rows[_rng(seed, tag, keys[d]).permutation(len(rows))]
 
     if name == "iid":
         streams = [cut(shuffled(d, rows), batch) for d, rows in enumerate(per_domain)]
@@ -241,7 +246,10 @@ def build_protocol(
         title = f"mixed domains (one shuffled stream), B={batch}"
     elif name == "dirichlet":
         streams = [
-            cut(rows[dirichlet_order(labels[rows], delta, _rng(seed, tag, d), NUM_CLASSES)], batch)
+            cut(
+                rows[dirichlet_order(labels[rows], delta, _rng(seed, tag, keys[d]), NUM_CLASSES)],
+                batch,
+            )
             for d, rows in enumerate(per_domain)
         ]
         title = f"label-correlated, Dirichlet(delta={delta}), B={batch}, reset per corruption"
@@ -250,7 +258,10 @@ def build_protocol(
         batch = 1
         title = "single images (N=1), i.i.d. order, reset per corruption"
     # one seed per stream (UnMix-TNS's random components), shared by the variants
-    seeds = [seed * 100_000 + tag * 100 + i for i in range(len(streams))]
+    seeds = [
+        seed * 100_000 + tag * 100 + (keys[i] if len(streams) == len(keys) else i)
+        for i in range(len(streams))
+    ]
     key = f"{name}{batch}" if name == "iid" else name
     return Protocol(key, title, batch, streams, seeds)
 
@@ -370,8 +381,15 @@ class ResultCache:
 
     @staticmethod
     def setting(model: str, args: argparse.Namespace, per_domain: int, key: str) -> str:
-        """The key of one protocol's results at one size."""
-        return f"{model}|sev{args.severity}|seed{args.seed}|n{per_domain}|{key}"
+        """The key of one protocol's results at one size.
+
+        A continual or mixed stream over some of the corruptions is another experiment than
+        over all of them: its key names them. Per-corruption streams do not depend on the others.
+        """
+        subset = ""
+        if key in ("continual", "mixed") and list(args.corruptions) != list(CORRUPTIONS):
+            subset = "|" + "+".join(args.corruptions)
+        return f"{model}|sev{args.severity}|seed{args.seed}|n{per_domain}|{key}{subset}"
 
     def errors(self, setting: str, label: str) -> dict[str, float]:
         """The cached error % per corruption of one variant (empty if none)."""
@@ -507,8 +525,9 @@ def protocol_list(
         data = dirichlet_pool if name == "dirichlet" else pool
         sizes = args.iid_batches if name == "iid" else [args.batch]
         for size in sizes:
+            keys = [list(CORRUPTIONS).index(c) for c in data.names]
             protocol = build_protocol(
-                name, data.domains, data.labels, args.seed, size, args.single_n
+                name, data.domains, data.labels, args.seed, size, args.single_n, keys=keys
             )
             out.append((protocol, data))
     return out
@@ -572,6 +591,32 @@ def measure(
     return Table(protocol.title, per_domain, errors, majority)
 
 
+def measure_clean(
+    name: str,
+    engine: Engine,
+    normalizer: Normalizer,
+    variants: Sequence[Variant],
+    args: argparse.Namespace,
+    device: torch.device,
+    cache: ResultCache,
+) -> dict[str, float]:
+    """Error % of the main variants on the first ``args.n`` clean test images, i.i.d."""
+    clean_x, clean_y = load_cifar10("test", args.data_dir, args.data_cache)
+    clean = Pool(
+        to_device_images(clean_x[: args.n], device),
+        clean_y[: args.n],
+        np.zeros(len(clean_y[: args.n]), dtype=np.int64),
+        ("clean",),
+    )
+    protocol = build_protocol("iid", clean.domains, clean.labels, args.seed, args.batch)
+    main_variants = [v for v in variants if v in MAIN_VARIANTS]
+    setting = ResultCache.setting(name, args, len(clean.labels), "clean")
+    table_ = measure(
+        engine, normalizer, clean, protocol, main_variants, args, f"{name} clean", cache, setting
+    )
+    return {label: float(e[0]) for label, e in table_.errors.items()}
+
+
 def run_model(
     name: str,
     args: argparse.Namespace,
@@ -591,20 +636,8 @@ def run_model(
     engine = Engine(model, name=name, num_classes=NUM_CLASSES, device=device, capacity=1024)
     normalizer = Normalizer(spec)
 
-    clean_x, clean_y = load_cifar10("test", args.data_dir, args.data_cache)
-    clean = Pool(
-        to_device_images(clean_x[: args.n], device),
-        clean_y[: args.n],
-        np.zeros(len(clean_y[: args.n]), dtype=np.int64),
-        ("clean",),
-    )
-    protocol = build_protocol("iid", clean.domains, clean.labels, args.seed, args.batch)
-    main_variants = [v for v in variants if v in MAIN_VARIANTS]
-    setting = ResultCache.setting(name, args, len(clean.labels), "clean")
-    table_ = measure(
-        engine, normalizer, clean, protocol, main_variants, args, f"{name} clean", cache, setting
-    )
-    results.clean = {label: float(e[0]) for label, e in table_.errors.items()}
+    if not args.skip_clean:
+        results.clean = measure_clean(name, engine, normalizer, variants, args, device, cache)
 
     pool = load_pool(args, args.severity, device)
     # The label correlation of sort_by_dirichlet grows with the stream's length (10 chunks
@@ -653,7 +686,13 @@ def run_model(
             protocol = build_protocol("iid", pool.domains, pool.labels, args.seed, args.batch)
             desc = f"{name} severity {severity}"
             results.sweep[severity] = measure(
-                engine, normalizer, pool, protocol, main_variants, args, desc
+                engine,
+                normalizer,
+                pool,
+                protocol,
+                [v for v in variants if v in MAIN_VARIANTS],
+                args,
+                desc,
             )
         key = f"iid{args.batch}"
         if key in results.tables and args.severity in args.sweep and same_n:
@@ -1165,6 +1204,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resume", action="store_true", help="skip what --cells already holds at this size"
     )
+    p.add_argument("--skip-clean", action="store_true", help="no clean-error run")
     p.add_argument(
         "--variants-per-piece",
         type=int,

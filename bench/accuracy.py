@@ -24,6 +24,11 @@ it would get alone, at a fraction of the Python overhead (which dominates at N =
         --single-n 60 --sweep-n 100 --device cpu              # reduced, ~15 min on 2 cores
     uv run python -m bench.accuracy --n 10000 --single-n 2000 --device cuda   # full, on a GPU
     uv run python -m bench.accuracy --n 128 --server http://127.0.0.1:8000 --section server
+    uv run python -m bench.accuracy --models cifar10_resnet20 --full --resume   # in pieces
+
+Every result is stored as it finishes in ``--cells`` (bench/results/accuracy-cells.json, per
+model, protocol, variant and corruption); with ``--resume`` a stopped run continues where it
+stopped, and ``--corruptions`` runs the per-corruption protocols a few corruptions at a time.
 """
 
 from __future__ import annotations

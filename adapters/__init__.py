@@ -4,7 +4,7 @@
 fails with the valid names.
 """
 
-from adapters import adabn, alpha_bn, momentum, source, tbn, unmix_tns
+from adapters import adabn, alpha_bn, balanced, gated, momentum, source, tbn, unmix_tns
 from adapters.base import (
     Adapter,
     AdapterError,
@@ -16,7 +16,7 @@ from adapters.base import (
 
 ADAPTERS: dict[str, Adapter] = {
     module.ADAPTER.name: module.ADAPTER
-    for module in (source, tbn, adabn, alpha_bn, unmix_tns, momentum)
+    for module in (source, tbn, adabn, alpha_bn, unmix_tns, momentum, balanced, gated)
 }
 
 

@@ -11,6 +11,8 @@ stream dimension S (every stream of a batch at once, each with its own hyperpara
 
 ``update_first`` says whether a batch is folded into the state before it is normalised
 ("update, then normalise": AdaBN, momentum) or after (UnMix-TNS), ALGORITHMS.md section 1.1.
+``pseudo_labels`` adapters (class-balanced statistics) are updated after the whole forward, with
+each image's predicted class in ``moments.labels``.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class Moments:
     mean: Tensor  # [S, C] float64
     var: Tensor  # [S, C] float64
     members: Tensor  # [S, N] float64 one-hot: members[s, n] = 1 if image n is in stream s
+    labels: Tensor | None = None  # [N] int64 predicted classes, for ``pseudo_labels`` adapters
 
     def segment_sum(self, values: Tensor) -> Tensor:
         """Sum ``values`` [N, ...] over each stream's images: [S, ...]."""
@@ -102,6 +105,8 @@ class Adapter:
     update: Callable[[State, Moments, SourceStats, HParams], State]
     update_first: bool = False
     per_sample: bool = False  # norm_stats returns [N, C] instead of [S, C]
+    # update runs after the forward, with the forward's predicted classes in moments.labels
+    pseudo_labels: bool = False
     structural: tuple[str, ...] = ()  # config fields that shape the state (e.g. UnMix-TNS's K)
     # The invariants of the state beyond finiteness (counts and variances are >= 0, ...): a row
     # outside them is never committed nor imported.

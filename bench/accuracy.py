@@ -24,6 +24,11 @@ it would get alone, at a fraction of the Python overhead (which dominates at N =
         --single-n 60 --sweep-n 100 --device cpu              # reduced, ~15 min on 2 cores
     uv run python -m bench.accuracy --n 10000 --single-n 2000 --device cuda   # full, on a GPU
     uv run python -m bench.accuracy --n 128 --server http://127.0.0.1:8000 --section server
+    uv run python -m bench.accuracy --models cifar10_resnet20 --full --resume   # in pieces
+
+Every result is stored as it finishes in ``--cells`` (bench/results/accuracy-cells.json, per
+model, protocol, variant and corruption); with ``--resume`` a stopped run continues where it
+stopped, and ``--corruptions`` runs the per-corruption protocols a few corruptions at a time.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ MAIN_VARIANTS = (
     variant("unmix_tns", components=128),
     variant("unmix_tns", alpha_init=0.0),
     variant("momentum"),
+    variant("balanced"),
+    variant("gated"),
 )
 
 # Candidates for a server default that is never worse than source (section "A default ..."):
@@ -214,19 +221,24 @@ def build_protocol(
     batch: int = 64,
     single_n: int | None = None,
     delta: float = DIRICHLET_DELTA,
+    keys: Sequence[int] | None = None,
 ) -> Protocol:
     """The streams of one protocol over a pool whose row i has corruption ``domains[i]``.
 
     ``name`` is one of iid, continual, mixed, dirichlet, single; ``single_n`` caps the images per
-    corruption of the single-image protocol (N = 1 is slow: one call per image).
+    corruption of the single-image protocol (N = 1 is slow: one call per image). ``keys`` name
+    each domain for the seeding (default its index): with the corruption's index in the full
+    list, a run over a few corruptions gives each per-corruption stream exactly the images and
+    order it has in the run over all of them.
     """
     if name not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
     tag = PROTOCOLS.index(name) * 1000 + batch
     per_domain = [np.flatnonzero(domains == d) for d in np.unique(domains)]
+    keys = list(range(len(per_domain))) if keys is None else list(keys)
 
     def shuffled(d: int, rows: np.ndarray) -> np.ndarray:
-        return rows[_rng(seed, tag, d).permutation(len(rows))]
+        return rows[_rng(seed, tag, keys[d]).permutation(len(rows))]
 
     if name == "iid":
         streams = [cut(shuffled(d, rows), batch) for d, rows in enumerate(per_domain)]
@@ -241,7 +253,10 @@ def build_protocol(
         title = f"mixed domains (one shuffled stream), B={batch}"
     elif name == "dirichlet":
         streams = [
-            cut(rows[dirichlet_order(labels[rows], delta, _rng(seed, tag, d), NUM_CLASSES)], batch)
+            cut(
+                rows[dirichlet_order(labels[rows], delta, _rng(seed, tag, keys[d]), NUM_CLASSES)],
+                batch,
+            )
             for d, rows in enumerate(per_domain)
         ]
         title = f"label-correlated, Dirichlet(delta={delta}), B={batch}, reset per corruption"
@@ -250,7 +265,10 @@ def build_protocol(
         batch = 1
         title = "single images (N=1), i.i.d. order, reset per corruption"
     # one seed per stream (UnMix-TNS's random components), shared by the variants
-    seeds = [seed * 100_000 + tag * 100 + i for i in range(len(streams))]
+    seeds = [
+        seed * 100_000 + tag * 100 + (keys[i] if len(streams) == len(keys) else i)
+        for i in range(len(streams))
+    ]
     key = f"{name}{batch}" if name == "iid" else name
     return Protocol(key, title, batch, streams, seeds)
 
@@ -289,15 +307,22 @@ def run_protocol(
     max_batch: int,
     desc: str = "",
     resets: dict[str, int] | None = None,
+    todo: set[tuple[str, int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Predicted class per pool row for every variant (-1 where the protocol shows no image).
 
     Every (variant, stream) pair is a lane: lanes are packed into forwards of at most
     ``max_batch`` images, one engine segment per lane, and advance one batch per forward.
     A variant with an auto-reset policy is checked after each batch; ``resets`` (if given)
-    receives its number of auto-resets by label.
+    receives its number of auto-resets by label. ``todo`` (variant label, stream index) keeps
+    only those lanes (a resumed run).
     """
-    lanes = [(v, s) for v in variants for s in range(len(protocol.streams))]
+    lanes = [
+        (v, s)
+        for v in variants
+        for s in range(len(protocol.streams))
+        if todo is None or (v.label, s) in todo
+    ]
     predictions = {v.label: np.full(len(pool.labels), -1, dtype=np.int64) for v in variants}
     per_forward = max(1, max_batch // protocol.batch)
     groups = [lanes[i : i + per_forward] for i in range(0, len(lanes), per_forward)]
@@ -361,6 +386,61 @@ def error_rates(
     count = np.bincount(domains[shown], minlength=n_domains)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, 100.0 * wrong / np.maximum(count, 1), np.nan)
+
+
+# ---------------------------------------------------------------------------------------- cache
+
+
+class ResultCache:
+    """Error % per (model, protocol, variant, corruption) on disk, so a stopped run resumes.
+
+    One JSON file: ``{setting: {"title", "per_domain", "majority", "errors": {label:
+    {corruption: error %}}}}``, where a setting names the model, severity, seed, images per
+    corruption and protocol (``cifar10_resnet20|sev5|seed0|n10000|iid64``): results of another
+    size never mix. Written after every finished piece (atomically: a stop mid-write keeps the
+    previous file). Without a path it keeps nothing (plain, non-resumable runs).
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.data: dict[str, dict] = {}
+        if path is not None and path.exists():
+            self.data = json.loads(path.read_text())
+
+    @staticmethod
+    def setting(model: str, args: argparse.Namespace, per_domain: int, key: str) -> str:
+        """The key of one protocol's results at one size.
+
+        A continual or mixed stream over some of the corruptions is another experiment than
+        over all of them: its key names them. Per-corruption streams do not depend on the others.
+        """
+        subset = ""
+        if key in ("continual", "mixed") and list(args.corruptions) != list(CORRUPTIONS):
+            subset = "|" + "+".join(args.corruptions)
+        return f"{model}|sev{args.severity}|seed{args.seed}|n{per_domain}|{key}{subset}"
+
+    def errors(self, setting: str, label: str) -> dict[str, float]:
+        """The cached error % per corruption of one variant (empty if none)."""
+        return self.data.get(setting, {}).get("errors", {}).get(label, {})
+
+    def store(
+        self,
+        setting: str,
+        title: str,
+        per_domain: int,
+        majority: float,
+        label: str,
+        errors: dict[str, float],
+    ) -> None:
+        """Add one variant's errors per corruption and write the file."""
+        entry = self.data.setdefault(setting, {"errors": {}})
+        entry.update(title=title, per_domain=per_domain, majority=majority)
+        entry["errors"].setdefault(label, {}).update(errors)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+            temporary.replace(self.path)
 
 
 # --------------------------------------------------------------------------------------- server
@@ -474,8 +554,9 @@ def protocol_list(
         data = dirichlet_pool if name == "dirichlet" else pool
         sizes = args.iid_batches if name == "iid" else [args.batch]
         for size in sizes:
+            keys = [list(CORRUPTIONS).index(c) for c in data.names]
             protocol = build_protocol(
-                name, data.domains, data.labels, args.seed, size, args.single_n
+                name, data.domains, data.labels, args.seed, size, args.single_n, keys=keys
             )
             out.append((protocol, data))
     return out
@@ -499,15 +580,77 @@ def measure(
     variants: Sequence[Variant],
     args: argparse.Namespace,
     desc: str,
-) -> tuple[Table, dict[str, np.ndarray]]:
-    """Run one protocol for all variants; its table and the raw predictions."""
-    predictions = run_protocol(engine, normalizer, pool, protocol, variants, args.max_batch, desc)
-    errors = {
-        label: error_rates(p, pool.labels, pool.domains, len(pool.names))
-        for label, p in predictions.items()
-    }
-    per_domain = protocol.images // len(pool.names)
-    return Table(protocol.title, per_domain, errors), predictions
+    cache: ResultCache | None = None,
+    setting: str = "",
+) -> Table:
+    """Run one protocol for all variants (only what ``cache`` lacks, with ``args.resume``).
+
+    Variants run a few at a time (their lanes packed into shared forwards), and each finished
+    variant's errors are stored in the cache at once: a stopped run loses at most one piece.
+    """
+    cache = cache if cache is not None else ResultCache(None)
+    names = pool.names
+    domains = [set(np.unique(pool.domains[np.concatenate(s)]).tolist()) for s in protocol.streams]
+    per_domain = protocol.images // len(names)
+    majority = majority_share(protocol, pool.labels)
+
+    def missing(v: Variant) -> set[int]:
+        cached = cache.errors(setting, v.label) if args.resume else {}
+        return {s for s, ds in enumerate(domains) if any(names[d] not in cached for d in ds)}
+
+    pending = [(v, missing(v)) for v in variants]
+    pending = [(v, m) for v, m in pending if m]
+    lanes_per_forward = max(1, args.max_batch // protocol.batch)
+    chunk = max(1, min(args.variants_per_piece, lanes_per_forward // len(protocol.streams)))
+    for start in range(0, len(pending), chunk):
+        piece = pending[start : start + chunk]
+        todo = {(v.label, s) for v, streams in piece for s in streams}
+        predictions = run_protocol(
+            engine,
+            normalizer,
+            pool,
+            protocol,
+            [v for v, _ in piece],
+            args.max_batch,
+            desc,
+            todo=todo,
+        )
+        for v, _ in piece:
+            rates = error_rates(predictions[v.label], pool.labels, pool.domains, len(names))
+            shown = {names[d]: float(r) for d, r in enumerate(rates) if not math.isnan(r)}
+            cache.store(setting, protocol.title, per_domain, majority, v.label, shown)
+            log.info("%s %s: %.1f", desc, v.label, float(np.mean(list(shown.values()))))
+    errors = {}
+    for v in variants:
+        cached = cache.errors(setting, v.label)
+        errors[v.label] = np.array([cached.get(name, math.nan) for name in names], dtype=float)
+    return Table(protocol.title, per_domain, errors, majority)
+
+
+def measure_clean(
+    name: str,
+    engine: Engine,
+    normalizer: Normalizer,
+    variants: Sequence[Variant],
+    args: argparse.Namespace,
+    device: torch.device,
+    cache: ResultCache,
+) -> dict[str, float]:
+    """Error % of the main variants on the first ``args.n`` clean test images, i.i.d."""
+    clean_x, clean_y = load_cifar10("test", args.data_dir, args.data_cache)
+    clean = Pool(
+        to_device_images(clean_x[: args.n], device),
+        clean_y[: args.n],
+        np.zeros(len(clean_y[: args.n]), dtype=np.int64),
+        ("clean",),
+    )
+    protocol = build_protocol("iid", clean.domains, clean.labels, args.seed, args.batch)
+    main_variants = [v for v in variants if v in MAIN_VARIANTS]
+    setting = ResultCache.setting(name, args, len(clean.labels), "clean")
+    table_ = measure(
+        engine, normalizer, clean, protocol, main_variants, args, f"{name} clean", cache, setting
+    )
+    return {label: float(e[0]) for label, e in table_.errors.items()}
 
 
 def run_model(
@@ -524,21 +667,13 @@ def run_model(
     """
     started = time.perf_counter()
     results = ModelResults(command=command_line(), machine=machine(device))
+    cache = ResultCache(args.cells)
     model, spec = create_model(name, cache_dir=args.cache_dir)
     engine = Engine(model, name=name, num_classes=NUM_CLASSES, device=device, capacity=1024)
     normalizer = Normalizer(spec)
 
-    clean_x, clean_y = load_cifar10("test", args.data_dir, args.data_cache)
-    clean = Pool(
-        to_device_images(clean_x[: args.n], device),
-        clean_y[: args.n],
-        np.zeros(len(clean_y[: args.n]), dtype=np.int64),
-        ("clean",),
-    )
-    protocol = build_protocol("iid", clean.domains, clean.labels, args.seed, args.batch)
-    main_variants = [v for v in variants if v in MAIN_VARIANTS]
-    table_, _ = measure(engine, normalizer, clean, protocol, main_variants, args, f"{name} clean")
-    results.clean = {label: float(e[0]) for label, e in table_.errors.items()}
+    if not args.skip_clean:
+        results.clean = measure_clean(name, engine, normalizer, variants, args, device, cache)
 
     pool = load_pool(args, args.severity, device)
     # The label correlation of sort_by_dirichlet grows with the stream's length (10 chunks
@@ -554,8 +689,11 @@ def run_model(
     try:
         for protocol, data in protocol_list(args, pool, dirichlet_pool):
             desc = f"{name} {protocol.key}"
-            table_, offline = measure(engine, normalizer, data, protocol, variants, args, desc)
-            table_.majority = majority_share(protocol, data.labels)
+            per_domain = protocol.images // len(data.names)
+            setting = ResultCache.setting(name, args, per_domain, protocol.key)
+            table_ = measure(
+                engine, normalizer, data, protocol, variants, args, desc, cache, setting
+            )
             results.tables[protocol.key] = table_
             log.info("%s: %s", desc, {k: round(table_.mean(k), 1) for k in table_.errors})
             results.seconds = time.perf_counter() - started
@@ -563,6 +701,9 @@ def run_model(
                 checkpoint(results)
             if client is not None:
                 checked = [v for v in variants if v.label in args.server_variants] or variants
+                offline = run_protocol(
+                    engine, normalizer, data, protocol, checked, args.max_batch, desc
+                )
                 served = run_protocol_server(client, name, data, protocol, checked, desc + " http")
                 results.mismatches[protocol.key] = {
                     v.label: int((served[v.label] != offline[v.label]).sum()) for v in checked
@@ -580,8 +721,14 @@ def run_model(
             pool = load_pool(args, severity, device, args.sweep_n)
             protocol = build_protocol("iid", pool.domains, pool.labels, args.seed, args.batch)
             desc = f"{name} severity {severity}"
-            results.sweep[severity], _ = measure(
-                engine, normalizer, pool, protocol, main_variants, args, desc
+            results.sweep[severity] = measure(
+                engine,
+                normalizer,
+                pool,
+                protocol,
+                [v for v in variants if v in MAIN_VARIANTS],
+                args,
+                desc,
             )
         key = f"iid{args.batch}"
         if key in results.tables and args.severity in args.sweep and same_n:
@@ -1080,6 +1227,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--title", default=None, help="heading of the section")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     p.add_argument(
+        "--full",
+        action="store_true",
+        help="full size: all 10,000 images per corruption in every protocol, no sweep",
+    )
+    p.add_argument(
+        "--cells",
+        type=Path,
+        default=Path("bench/results/accuracy-cells.json"),
+        help="results per (model, protocol, variant, corruption), written as they finish",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="skip what --cells already holds at this size"
+    )
+    p.add_argument("--skip-clean", action="store_true", help="no clean-error run")
+    p.add_argument(
+        "--variants-per-piece",
+        type=int,
+        default=3,
+        help="variants run together before their results are stored (more: fewer forwards)",
+    )
+    p.add_argument(
         "--from-json",
         type=Path,
         default=None,
@@ -1094,6 +1262,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data/cifar10"))
     p.add_argument("--data-cache", type=Path, default=Path(".cache/data"))
     args = p.parse_args(argv)
+    if args.full:
+        args.n = args.single_n = 10_000
+        args.dirichlet_n = None
+        args.sweep_model = ""
     if args.max_batch is None:
         args.max_batch = 16384 if args.device.startswith("cuda") else 1024
     if args.title is None:

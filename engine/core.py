@@ -75,6 +75,7 @@ class _Group:
     head: State = field(default_factory=dict)
     hparams: dict[str, Tensor] = field(default_factory=dict)
     broken: dict[int, Tensor] = field(default_factory=dict)  # layer -> [S] non-finite moments
+    pending: dict[int, Moments] = field(default_factory=dict)  # layer -> moments to fold in
     # Bucketed (compiled) batches only: rows and streams padded to a bucket's sizes.
     valid: Tensor | None = None  # [rows] bool: False for a padding row (in no stream)
     source: Tensor | None = None  # [streams] int64: the real stream each stream copies
@@ -192,6 +193,8 @@ class _Batch:
             mean, var, state = adapted_statistics(
                 group.adapter, group.layers[index], moments, source, group.hparams, group.adapt
             )
+            if group.adapt and group.adapter.pseudo_labels:
+                group.pending[index] = moments  # folded in once the forward has predicted
             if group.adapt:
                 group.layers[index] = {**state, **observe(state, moments, self.window)}
             means.append(mean)
@@ -214,12 +217,13 @@ def adapted_statistics(
 ) -> tuple[Tensor, Tensor, State]:
     """Per-image (mean, var) of one group at one layer, and its new state if ``adapt``.
 
-    The adapter's order: "update, then normalise" or the reverse (``update_first``).
+    The adapter's order: "update, then normalise" or the reverse (``update_first``); a
+    ``pseudo_labels`` adapter is updated after the forward (``Engine._fold_pending``).
     """
     if adapt and adapter.update_first:
         state = {**state, **adapter.update(state, moments, source, hp)}
     mean, var = adapter.norm_stats(state, moments, source, hp)
-    if adapt and not adapter.update_first:
+    if adapt and not adapter.update_first and not adapter.pseudo_labels:
         state = {**state, **adapter.update(state, moments, source, hp)}
     if not adapter.per_sample:
         mean, var = moments.per_image(mean), moments.per_image(var)
@@ -620,7 +624,7 @@ class Engine:
         batch = _Batch(self.layers, groups, self.window, source_rows)
         for group in groups:
             group.layers, group.head, group.hparams = group.pool.gather(group.slots)
-            group.broken = {}
+            group.broken, group.pending = {}, {}
             streams = torch.arange(group.images.shape[0], device=group.segment.device)
             members = streams[:, None] == group.segment[None, :]
             if group.valid is not None:
@@ -628,6 +632,8 @@ class Engine:
             group.members = members.double()
         with self._autocast():
             logits = self.network.forward(x, batch).float()
+        for group in groups:
+            self._fold_pending(group, logits[group.start : group.stop])
         problems = [self._problems(group, logits[group.start : group.stop]) for group in groups]
         # Only now, with the whole batch computed, do the streams' states change.
         if commit is not False:
@@ -635,6 +641,21 @@ class Engine:
                 if group.adapt:
                     _commit(group, ~flags.flatten(1).any(1) & commit)
         return logits, torch.cat(problems)
+
+    def _fold_pending(self, group: _Group, logits: Tensor) -> None:
+        """Stage the update of a pseudo-label adapter: each layer's moments with the predictions.
+
+        Its layers normalised with the state from before this batch; only now, with the logits,
+        is each image's predicted class known (the current forward's, not a previous one's).
+        """
+        if not group.pending:
+            return
+        labels = logits.argmax(1)
+        for index, moments in group.pending.items():
+            state = group.layers[index]
+            labelled = dataclasses.replace(moments, labels=labels)
+            new = group.adapter.update(state, labelled, self.layers[index].source, group.hparams)
+            group.layers[index] = {**state, **new}
 
     def _problems(self, group: _Group, logits: Tensor) -> Tensor:
         """The group's streams' problems ``[S, 2, parts]``: staged states, then logits.

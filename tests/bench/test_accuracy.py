@@ -16,6 +16,7 @@ from bench.accuracy import (
     MAIN_VARIANTS,
     ModelResults,
     Pool,
+    ResultCache,
     Table,
     build_protocol,
     check_targets,
@@ -24,6 +25,7 @@ from bench.accuracy import (
     error_rates,
     longest_runs,
     majority_share,
+    measure,
     parse_args,
     render,
     run_protocol,
@@ -205,6 +207,51 @@ def test_lanes_give_each_stream_what_it_gets_alone() -> None:
     for v in variants:
         assert (packed[v.label] >= 0).all()
         assert np.array_equal(packed[v.label], alone[v.label]), v.label
+
+
+def test_a_stopped_run_resumes_from_its_cache(tmp_path: Path, monkeypatch) -> None:
+    """Results are stored per variant and corruption as they finish; with --resume only the
+    missing corruption streams run again, and the table is the same as an uninterrupted run."""
+    import bench.accuracy as accuracy
+
+    engine = _tiny_engine()
+    rng = np.random.default_rng(0)
+    pool = Pool(
+        torch.from_numpy(rng.integers(0, 256, (300, 3, 8, 8), dtype=np.uint8)),
+        POOL_LABELS,
+        DOMAINS,
+        ("a", "b", "c"),
+    )
+    protocol = build_protocol("iid", DOMAINS, POOL_LABELS, seed=0, batch=32)
+    variants = [variant("tbn"), variant("adabn")]
+    args = parse_args(["--resume", "--cells", str(tmp_path / "cells.json"), "--max-batch", "64"])
+    setting = ResultCache.setting("tiny", args, 100, protocol.key)
+    whole = measure(engine, _identity, pool, protocol, variants, args, "", ResultCache(None), "x")
+
+    # a run stopped after adabn's first corruption: its cache holds that one cell only
+    partial = ResultCache(args.cells)
+    first = {"a": float(whole.errors["adabn"][0])}
+    partial.store(setting, protocol.title, 100, 0.0, "adabn", first)
+    ran: list[tuple[str, int]] = []
+    real = accuracy.run_protocol
+
+    def counting(*a, todo=None, **k):
+        ran.extend(sorted(todo))
+        return real(*a, todo=todo, **k)
+
+    monkeypatch.setattr(accuracy, "run_protocol", lambda *a: counting(*a[:-1], todo=a[-1]))
+    resumed = measure(
+        engine, _identity, pool, protocol, variants, args, "", ResultCache(args.cells), setting
+    )
+    assert ("adabn", 0) not in ran and ("adabn", 1) in ran and ("tbn", 0) in ran
+    for v in variants:
+        np.testing.assert_array_equal(resumed.errors[v.label], whole.errors[v.label])
+    ran.clear()
+    again = measure(
+        engine, _identity, pool, protocol, variants, args, "", ResultCache(args.cells), setting
+    )
+    assert ran == []  # everything cached: nothing runs
+    np.testing.assert_array_equal(again.errors["tbn"], whole.errors["tbn"])
 
 
 # ---------------------------------------------------------------------------------------- errors

@@ -1,0 +1,116 @@
+"""Class-balanced statistics: TRIBE's balanced BatchNorm, gradient-free and per stream.
+
+Su, Xu, Jia, "Towards Real-World Test-Time Adaptation: Tri-Net Self-Training with Balanced
+Normalization" (AAAI 2024, arXiv 2309.14949), the balanced BN layer only (no tri-net, no
+self-training: nothing is trained). Reimplemented from the paper's description; its code is not
+used. A label-correlated stream pulls ordinary test-time statistics towards the class it is
+currently showing (TBN fails, AdaBN drifts). Balanced BN keeps one mean and variance per class
+and channel, updated only with the images predicted to be of that class, and normalises with the
+uniform mixture of the classes' Gaussians:
+
+    mean = 1/K sum_k mu_k,   var = 1/K sum_k (var_k + (mu_k - mean)^2)
+
+so a run of one class moves one of the K statistics, not the normalisation.
+
+Pseudo-labels come from the current forward: a batch is normalised with the class statistics
+from before it, and once the logits exist each image is folded into the class it was predicted
+as ("normalise, then update", as UnMix-TNS). The previous forward's predictions belong to other
+images, and a second forward per call to label the batch first would double the cost; with
+normalise-then-update the labels are those of the very statistics that normalised the batch.
+
+Per class, the statistics follow the project's AdaBN (ALGORITHMS.md 1.5, 3.2) rather than the
+paper's fixed-momentum EMA (named deviations):
+- exact pooling: (pixel count, mean, M2) per class and channel, Chan-merged in float64, so the
+  spread between the images of a class counts, and N = 1 works;
+- ``window`` (images per class): the count is capped, an EMA beyond it (forgets old domains);
+- ``prior_images`` (per class): Schneider et al.'s source prior, mixed linearly with weight
+  n / (n + n0 L) on the class's target estimate; a class not predicted yet is the source.
+The paper's class-agnostic blend (gamma, for many classes) is not implemented.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from adapters.base import NONNEGATIVE, Adapter, HParams, Moments, SourceStats, State, linear_mix
+
+
+class BalancedConfig(BaseModel):
+    """The number of classes (the state's shape) and each class's memory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classes: int = Field(10, ge=1, le=1000, description="classes K of the model's logits")
+    prior_images: float = Field(
+        8.0, ge=0, le=1e9, description="source prior strength per class n0, in images"
+    )
+    window: float = Field(
+        200.0, ge=1, le=1e9, description="images each class remembers (an EMA beyond)"
+    )
+
+
+def init_state(source: SourceStats, config: BalancedConfig, generator: torch.Generator) -> State:
+    """No image of any class yet: zero counts, means and M2 per class (float64)."""
+    zeros = torch.zeros(
+        (config.classes, source.mean.numel()), dtype=torch.float64, device=source.mean.device
+    )
+    return {"n": zeros.new_zeros(config.classes), "mean": zeros, "m2": zeros.clone()}
+
+
+def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> State:
+    """Chan's merge of each stream's images into the class each was predicted as."""
+    if moments.labels is None:
+        raise ValueError("balanced statistics need the forward's predicted classes")
+    classes = state["n"].shape[-1]
+    onehot = torch.nn.functional.one_hot(moments.labels.clamp(max=classes - 1), classes).double()
+    pixels = moments.pixels
+    sample_mean = moments.sample_mean.double()
+    # per (stream, class): images, mean, and spread around that mean (law of total variance)
+    images = moments.members @ onehot  # [S, K]
+    count = images.clamp(min=1)[..., None]
+    batch_mean = torch.einsum("sn,nk,nc->skc", moments.members, onehot, sample_mean) / count
+    own_mean = batch_mean[moments.segment, moments.labels.clamp(max=classes - 1)]  # [N, C]
+    spread = moments.sample_var.double() + (sample_mean - own_mean).square()
+    batch_var = torch.einsum("sn,nk,nc->skc", moments.members, onehot, spread) / count
+
+    n, mean, m2 = state["n"], state["mean"], state["m2"]
+    nb = images * pixels
+    total = n + nb
+    weight = (nb / total.clamp(min=1))[..., None]
+    delta = batch_mean - mean
+    mean = mean + delta * weight
+    m2 = m2 + batch_var * nb[..., None] + delta.square() * (n[..., None] * weight)
+    shrink = (hp["window"][:, None] * pixels / total.clamp(min=1)).clamp(max=1.0)
+    return {"n": total * shrink, "mean": mean, "m2": m2 * shrink[..., None]}
+
+
+def norm_stats(
+    state: State, moments: Moments, source: SourceStats, hp: HParams
+) -> tuple[Tensor, Tensor]:
+    """The uniform mixture of the K class Gaussians (the balanced statistic), [S, C]."""
+    n = state["n"]
+    seen = n > 0
+    weight = torch.where(seen, n / (n + hp["prior_images"][:, None] * moments.pixels), 0.0)
+    streams, classes = n.shape
+    var = state["m2"] / torch.where(seen, n, 1.0)[..., None]
+    means, variances = linear_mix(
+        weight.flatten(), state["mean"].flatten(0, 1), var.flatten(0, 1), source
+    )
+    means = means.view(streams, classes, -1)
+    variances = variances.view(streams, classes, -1)
+    mean = means.mean(1)
+    return mean, variances.mean(1) + (means - mean[:, None]).square().mean(1)
+
+
+ADAPTER = Adapter(
+    "balanced",
+    BalancedConfig,
+    init_state,
+    norm_stats,
+    update,
+    pseudo_labels=True,
+    structural=("classes",),
+    bounds={"n": NONNEGATIVE, "m2": NONNEGATIVE},
+)

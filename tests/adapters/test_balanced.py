@@ -1,0 +1,108 @@
+"""Class-balanced statistics (adapters/balanced.py) against references computed from the pixels."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.core import Engine
+from tests.adapters.test_oracles import layer_input, layer_output, one_layer
+
+CHANNELS, SIZE = 4, 8
+CLASSES = CHANNELS * SIZE * SIZE  # one_layer's "logits" are its flattened output
+FAITHFUL = {"classes": CLASSES, "prior_images": 0.0, "window": 1e9}
+
+
+def pixels(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [C, N*H*W] in float64."""
+    return x.double().transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def balanced_reference(seen: dict[int, list[torch.Tensor]], bn) -> tuple[torch.Tensor, ...]:
+    """The uniform mixture over all classes: pooled pixels of each predicted class, the source
+    for a class never predicted; the mixture's mean and variance by weighting every pixel."""
+    mu_s, var_s = bn.running_mean.double(), bn.running_var.double()
+    means, variances = [], []
+    for k in range(CLASSES):
+        if k in seen:
+            p = pixels(torch.cat(seen[k]))
+            means.append(p.mean(1))
+            variances.append(p.var(1, unbiased=False))
+        else:
+            means.append(mu_s)
+            variances.append(var_s)
+    m, v = torch.stack(means), torch.stack(variances)
+    mean = m.mean(0)
+    return mean, (v + (m - mean).square()).mean(0)
+
+
+def apply_bn(bn, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    y = (x.double() - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn.eps)
+    return (y * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]).float()
+
+
+def test_normalise_then_update_with_the_forwards_own_predictions() -> None:
+    """Each batch is normalised with the class statistics of the batches before it (the first
+    with the source), and folded into the classes the same forward predicted."""
+    net = one_layer(CHANNELS)
+    bn = net[0]
+    engine = Engine(net, num_classes=CLASSES)
+    stream = engine.open_stream("balanced", FAITHFUL)
+    seen: dict[int, list[torch.Tensor]] = {}
+    for step, n in enumerate((5, 1, 7, 3)):
+        x = layer_input(n, step, shift=0.7 * step)
+        out = layer_output(engine, x, stream)
+        if not seen:
+            expected = net(x).detach().reshape(x.shape)
+        else:
+            expected = apply_bn(bn, x, *balanced_reference(seen, bn))
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        for image, label in zip(x, out.flatten(1).argmax(1).tolist(), strict=True):
+            seen.setdefault(label, []).append(image[None])
+    assert len(seen) > 1  # the test covers several classes
+
+
+def test_class_frequencies_do_not_move_the_statistics() -> None:
+    """Three times as many images of some classes give the same statistics (AdaBN's move)."""
+    probe = layer_input(4, 9, shift=0.3)
+    a = layer_input(2, 1, shift=1.5)
+    b = layer_input(1, 2, shift=-1.0)
+    outputs = {}
+    for adapter, config in (("balanced", FAITHFUL), ("adabn", {})):
+        engine = Engine(one_layer(CHANNELS), num_classes=CLASSES)
+        once, thrice = engine.open_stream(adapter, config), engine.open_stream(adapter, config)
+        labels_a = layer_output(engine, torch.cat([a, b]), once).flatten(1).argmax(1)
+        layer_output(engine, torch.cat([a, a, a, b]), thrice)
+        outputs[adapter] = [layer_output(engine, probe, s, adapt=False) for s in (once, thrice)]
+        if adapter == "balanced":
+            assert labels_a[2].item() not in labels_a[:2].tolist()  # b has a class of its own
+    torch.testing.assert_close(*outputs["balanced"], atol=1e-5, rtol=1e-5)
+    assert (outputs["adabn"][0] - outputs["adabn"][1]).abs().max() > 1e-2
+
+
+def test_prior_and_window_per_class() -> None:
+    """A class's weight on its target estimate is n / (n + n0 L); the window caps n."""
+    engine = Engine(one_layer(CHANNELS), num_classes=CLASSES)
+    stream = engine.open_stream("balanced", {"classes": CLASSES, "window": 3, "prior_images": 2})
+    x = layer_input(1, 0, shift=1.0)
+    for _ in range(5):
+        label = layer_output(engine, x, stream).flatten(1).argmax(1).item()
+    n = engine.pool_of(stream).layers[0]["n"][stream.slot]
+    assert n[label].item() == 3 * SIZE * SIZE  # five images seen, three remembered
+    assert n.sum().item() == n[label].item()
+
+
+def test_single_class_is_adabn_one_batch_late() -> None:
+    """With K = 1 the balanced statistic is the stream's pooled statistic (AdaBN) of the
+    batches before the current one, at N = 1 included (between-image variance kept)."""
+    net = one_layer(CHANNELS)
+    engine = Engine(net, num_classes=CLASSES)
+    balanced = engine.open_stream("balanced", {"classes": 1, "prior_images": 0, "window": 1e9})
+    adabn = engine.open_stream("adabn")
+    previous = None
+    for step in range(4):
+        x = layer_input(1, step, shift=0.5 * step)
+        out = layer_output(engine, x, balanced)
+        if previous is not None:
+            torch.testing.assert_close(out, layer_output(engine, x, adabn, adapt=False))
+        layer_output(engine, x, adabn)
+        previous = x

@@ -146,6 +146,21 @@ def test_protocols_are_deterministic_and_seeded() -> None:
     assert len(set(first.seeds)) == len(first.seeds)
 
 
+@pytest.mark.parametrize("name", ["iid", "dirichlet", "single"])
+def test_a_subset_of_corruptions_keeps_each_streams_images_and_order(name: str) -> None:
+    """Keyed by the corruption's index in the full list, a run over corruptions 1 and 2 gives
+    their streams exactly the rows (relative to the domain) of the run over 0, 1 and 2."""
+    full = build_protocol(name, DOMAINS, POOL_LABELS, seed=0, batch=16, single_n=20)
+    rows = DOMAINS > 0
+    subset = build_protocol(
+        name, DOMAINS[rows] - 1, POOL_LABELS[rows], seed=0, batch=16, single_n=20, keys=[1, 2]
+    )
+    offset = int((~rows).sum())
+    for whole, part in zip(full.streams[1:], subset.streams, strict=True):
+        assert [b.tolist() for b in whole] == [(b + offset).tolist() for b in part]
+    assert full.seeds[1:] == subset.seeds
+
+
 def test_unknown_protocol_names_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="valid: iid, continual"):
         build_protocol("sorted", DOMAINS, POOL_LABELS, seed=0)

@@ -392,7 +392,8 @@ CASES: list[Case] = [
         {"json": {"adapter": "tent"}},
         422,
         "unknown_adapter",
-        "Unknown adapter 'tent'; valid: adabn, alpha_bn, momentum, source, tbn, unmix_tns",
+        "Unknown adapter 'tent'; valid: adabn, alpha_bn, balanced, gated, momentum, source, tbn, "
+        "unmix_tns",
     ),
     (
         "invalid config value",

@@ -254,7 +254,7 @@ def test_a_stopped_run_resumes_from_its_cache(tmp_path: Path, monkeypatch) -> No
         ran.extend(sorted(todo))
         return real(*a, todo=todo, **k)
 
-    monkeypatch.setattr(accuracy, "run_protocol", lambda *a: counting(*a[:-1], todo=a[-1]))
+    monkeypatch.setattr(accuracy, "run_protocol", counting)
     resumed = measure(
         engine, _identity, pool, protocol, variants, args, "", ResultCache(args.cells), setting
     )

@@ -3,7 +3,9 @@
 The traffic of the reference deployment and of the end-to-end observability test: clean streams,
 corrupted streams (which the metrics must show in trouble), and one corrupted stream fed only
 over the Open Inference Protocol (``/v2/models/{model}/infer``), round-robin, for ``--duration``
-seconds. Streams that already exist are reused, so a restarted generator continues them.
+seconds. Streams that already exist are reused, so a restarted generator continues them. Every
+stream keeps label feedback: after each prediction the generator sends the images' true labels
+(``POST /v1/streams/{id}/feedback``), so the live-accuracy panels show adapted against source.
 
     python -m bench.traffic --url http://127.0.0.1:8000 --duration 60
 """
@@ -55,8 +57,8 @@ def stream_images(stream: TrafficStream, clean: np.ndarray, count: int) -> np.nd
 
 
 def ensure_stream(client: httpx.Client, stream_id: str, model: str | None) -> None:
-    """Create the stream with the server's default adapter, or reuse it if it exists."""
-    body: dict[str, object] = {"id": stream_id}
+    """Create the stream (default adapter, label feedback on), or reuse it if it exists."""
+    body: dict[str, object] = {"id": stream_id, "feedback": True}
     if model is not None:
         body["model"] = model
     response = client.post("/v1/streams", json=body)
@@ -74,11 +76,14 @@ def send_v1(client: httpx.Client, stream_id: str, batch: np.ndarray) -> httpx.Re
     )
 
 
-def send_v2(client: httpx.Client, model: str, stream_id: str, batch: np.ndarray) -> httpx.Response:
-    """One OIP inference request with the binary tensor extension."""
+def send_v2(
+    client: httpx.Client, model: str, stream_id: str, batch: np.ndarray, request_id: str = ""
+) -> httpx.Response:
+    """One OIP inference request with the binary tensor extension (its ``id``: request_id)."""
     data = batch.tobytes()
     header = json.dumps(
         {
+            **({"id": request_id} if request_id else {}),
             "parameters": {"stream_id": stream_id},
             "inputs": [
                 {
@@ -101,6 +106,19 @@ def send_v2(client: httpx.Client, model: str, stream_id: str, batch: np.ndarray)
     )
 
 
+def send_feedback(
+    client: httpx.Client, stream_id: str, request_id: str, labels: np.ndarray
+) -> httpx.Response:
+    """The true labels of a request's images (by its request id and image index)."""
+    body = {
+        "labels": [
+            {"request_id": request_id, "index": i, "label": int(label)}
+            for i, label in enumerate(labels)
+        ]
+    }
+    return client.post(f"/v1/streams/{stream_id}/feedback", json=body)
+
+
 def wait_ready(client: httpx.Client, timeout_s: float) -> None:
     """Wait until the server answers ready (SystemExit after ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
@@ -117,7 +135,7 @@ def wait_ready(client: httpx.Client, timeout_s: float) -> None:
 
 def run(args: argparse.Namespace) -> Counter[str]:
     """Replay the images for ``args.duration`` seconds; the response counts by stream and status."""
-    clean, _ = load_cifar10("test", args.data_dir, args.data_cache)
+    clean, labels = load_cifar10("test", args.data_dir, args.data_cache)
     outcomes: Counter[str] = Counter()
     with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
         wait_ready(client, args.wait_ready)
@@ -135,9 +153,18 @@ def run(args: argparse.Namespace) -> Counter[str]:
                 batch = pool[start : start + args.batch]
                 if stream.protocol == "v1":
                     response = send_v1(client, stream_id, batch)
+                    request_id = (
+                        response.json().get("request_id", "") if response.is_success else ""
+                    )
                 else:
-                    response = send_v2(client, model, stream_id, batch)
+                    request_id = f"{stream_id}-{position}"
+                    response = send_v2(client, model, stream_id, batch, request_id)
                 outcomes[f"{stream_id} {response.status_code}"] += 1
+                if response.is_success and request_id:
+                    first = stream.offset + start
+                    truth = labels[first : first + len(batch)]
+                    labelled = send_feedback(client, stream_id, request_id, truth)
+                    outcomes[f"{stream_id} feedback {labelled.status_code}"] += 1
                 if response.status_code in (429, 503):
                     time.sleep(0.5)  # saturated or restarting: back off
                 if time.monotonic() >= deadline:

@@ -180,7 +180,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             tensor.name, tensor.datatype, list(tensor.shape), runtime, state, raw=raw, data=data
         )
         state.metrics.stage_latency.labels(model, "decode").observe(time.perf_counter() - started)
-        result = await run_inference(state, registry, model, target, images, caller)
+        result = await run_inference(state, registry, model, target, images, caller, request.id)
         outputs = outputs_of(result.logits, runtime, wanted)
         return pb.ModelInferResponse(
             model_name=model,

@@ -188,10 +188,13 @@ async def run_inference(
     target: Target,
     images: ImageBatch,
     caller: Caller,
+    request_id: str = "",
 ) -> Inference:
     """Run a checked request: the sequence's start, the prediction, the sequence's end.
 
-    ``caller`` names the streams: a tenant's sequence ids are its own (service.auth).
+    ``caller`` names the streams: a tenant's sequence ids are its own (service.auth). A stream
+    with label feedback logs the predictions under ``request_id`` (the OIP request's ``id``),
+    which its feedback names (docs/safety.md).
     """
     if target.stream_id is None:
         logits = await _stateless(registry.runtime(model), target.adapter, images, state)
@@ -204,7 +207,14 @@ async def run_inference(
         entry = await registry.find(key)
         _check_model(entry.info, model)
     result = await run_prediction(
-        registry, entry, images, state.settings, adapt=target.adapt, top_k=1, drift=False
+        registry,
+        entry,
+        images,
+        state.settings,
+        adapt=target.adapt,
+        top_k=1,
+        drift=False,
+        request_id=request_id,
     )
     if target.end and state.settings.oip_sequence_end == "delete":
         await registry.delete(key)

@@ -254,7 +254,8 @@ class StreamsCollector(Collector):
             accuracy.add_metric([*key, "adapted"], window.adapted or 0.0)
             accuracy.add_metric([*key, "source"], window.source or 0.0)
             labelled.add_metric(key, window.labels)
-        reset = sorted((s for s in streams if s.auto_resets), key=lambda s: (-s.auto_resets, s.id))
+        # zeros included: "never reset" is what most streams should show
+        reset = sorted(streams, key=lambda s: (-s.auto_resets, s.id))
         for stream in reset[: self._k]:
             resets.add_metric([stream.model, stream.id], stream.auto_resets)
         yield accuracy

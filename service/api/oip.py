@@ -424,7 +424,9 @@ async def infer(
     ] or all_outputs(parameters.binary_data_output)
     images = _input_batch(infer_request, binary, runtime, state)
     state.metrics.stage_latency.labels(model, "decode").observe(time.perf_counter() - started)
-    result = await run_inference(state, registry, model, target, images, caller)
+    result = await run_inference(
+        state, registry, model, target, images, caller, infer_request.id or ""
+    )
     outputs = outputs_of(result.logits, runtime, wanted)
     return _respond(infer_request.id, model, result.parameters, wanted, outputs)
 

@@ -19,7 +19,8 @@ def test_traffic_feeds_every_stream(
     with running_server(settings) as server, server.client() as client:
         args = ["--url", server.url, "--duration", "3", "--images", "64", "--batch", "16"]
         main([*args, "--data-dir", str(cifar10_dir), "--data-cache", str(data_cache)])
-        listed = {s["id"]: s["samples"] for s in client.get("/v1/streams").json()["data"]}
+        views = {s["id"]: s for s in client.get("/v1/streams").json()["data"]}
+        listed = {stream_id: view["samples"] for stream_id, view in views.items()}
         text = client.get("/metrics").text
     assert listed.keys() == {f"traffic-{s.id}" for s in STREAMS}
     assert all(samples >= 16 for samples in listed.values()), listed
@@ -33,3 +34,5 @@ def test_traffic_feeds_every_stream(
     assert len(v2_only) == 1
     # The /v2 stream's images all came over /v2: one request per 16 of its images.
     assert routes["/v2/models/{model}/infer"] == listed[f"traffic-{v2_only[0].id}"] / 16
+    # every stream got its true labels back, over v1 and v2 alike: one label per image
+    assert all(view["accuracy"]["labels_total"] == view["samples"] for view in views.values())

@@ -172,7 +172,9 @@ class _Batch:
 
     def statistics(self, index: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-image (mean, var) for input ``x`` of BN layer ``index``; stages the new states."""
-        sample_mean, sample_var = instance_moments(x, self.layers[index].source.mean)
+        # the source rows (if any) are normalised with the source statistics: no moments needed
+        adapted = x[: x.shape[0] - self.source_rows]
+        sample_mean, sample_var = instance_moments(adapted, self.layers[index].source.mean)
         return self.from_moments(index, sample_mean, sample_var, x.shape[2] * x.shape[3])
 
     def from_moments(

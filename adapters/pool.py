@@ -1,9 +1,11 @@
 """The state pool: every stream's state of one (adapter, structure), one slot per stream.
 
-Per BN layer and state name, one tensor with a leading slot dimension (``[capacity, C]``,
-``[capacity, K, C]``) on the model's device; per-stream hyperparameters are ``[capacity]`` tensors.
-A stream is a slot index, so a batch that mixes streams gathers its rows with one
-``index_select`` per tensor, computes new rows, and commits them with one ``index_copy_``.
+A slot is one row of a flat buffer per dtype (``[capacity, F]``, every layer's and the head's
+state tensors side by side, on the model's device); ``layers`` and ``head`` are named views into
+it (``[capacity, C]``, ``[capacity, K, C]``), and per-stream hyperparameters are ``[capacity]``
+tensors. A stream is a slot index, so a batch that mixes streams gathers its rows with one
+``index_select`` per buffer, computes new rows, checks them and commits them with one
+``index_copy_`` per buffer, whatever the number of layers: a few kernels, not a few per layer.
 
 A pool starts small and doubles its capacity on demand, up to ``max_capacity`` slots, within the
 engine's :class:`MemoryBudget`: a configuration nobody uses costs nothing, and one that is used
@@ -152,8 +154,16 @@ class StatePool:
         self.budget.reserve(initial * self.layout.slot_bytes, f"a new {adapter.name} pool")
         self.capacity = initial
         fresh = fresh_state(adapter, template, self.sources, num_classes, torch.Generator())
-        self.layers: list[State] = [_slotted(state, initial) for state in fresh[0]]
-        self.head: State = _slotted(fresh[1], initial)
+        self.columns = _Columns(fresh[0], fresh[1], self.layout.bounds)
+        one = self.columns.pack(
+            [_one_slot(state) for state in fresh[0]], _one_slot(fresh[1])
+        )  # [1, F] per dtype
+        self.buffers: dict[torch.dtype, Tensor] = {
+            dtype: row.repeat(initial, 1) for dtype, row in one.items()
+        }
+        self.layers: list[State] = []
+        self.head: State = {}
+        self._view()
         device = self.sources[0].mean.device
         self.hparams: dict[str, Tensor] = {
             key: torch.zeros(initial, dtype=torch.float64, device=device)
@@ -197,47 +207,41 @@ class StatePool:
             self.hparams[key][slot] = value
 
     def gather(self, slots: Tensor) -> tuple[list[State], State, dict[str, Tensor]]:
-        """Copies of the rows of ``slots``: the staging state of a batch."""
-        layers = [{k: v.index_select(0, slots) for k, v in state.items()} for state in self.layers]
-        head = {k: v.index_select(0, slots) for k, v in self.head.items()}
+        """Copies of the rows of ``slots``: the staging state of a batch (named views of one
+        gathered copy per buffer)."""
+        rows = {dtype: buffer.index_select(0, slots) for dtype, buffer in self.buffers.items()}
+        layers, head = self.columns.unpack(rows)
         hparams = {k: v.index_select(0, slots) for k, v in self.hparams.items()}
         return layers, head, hparams
 
-    def problems(self, layers: Sequence[State], head: State) -> Tensor:
-        """What is wrong with each staged row: ``[S, 2, layers + 1]`` bool, on the device.
+    def pack(self, layers: Sequence[State], head: State) -> dict[torch.dtype, Tensor]:
+        """Staged states as rows of the buffers: ``{dtype: [S, F]}``."""
+        return self.columns.pack(layers, head)
+
+    def problems(self, rows: dict[torch.dtype, Tensor]) -> Tensor:
+        """What is wrong with each packed row: ``[S, 2, layers + 1]`` bool, on the device.
 
         ``[s, 0, p]``: row s holds a NaN or infinite value in part p (each BN layer, then the
-        head); ``[s, 1, p]``: a finite value outside the adapter's bounds there. One reduction
-        per tensor, no host sync: the forward reads it back with the logits.
+        head); ``[s, 1, p]``: a value outside the adapter's bounds there. Per buffer one
+        elementwise check and one product with the columns' part membership, no host sync: the
+        forward reads it back with the logits.
         """
-        parts = []
-        for staged, pooled in zip([*layers, head], [*self.layers, self.head], strict=True):
-            nonfinite, outside = [], []
-            for key in pooled:
-                value = staged[key]
-                value = value.reshape(value.shape[0], -1)
-                nonfinite.append(~torch.isfinite(value).all(1))
-                if key in self.layout.bounds:
-                    low, high = self.layout.bounds[key]
-                    outside.append(((value < low) | (value > high)).any(1))
-            checks = [torch.stack(nonfinite, 1).any(1)]
-            checks.append(
-                torch.stack(outside, 1).any(1) if outside else torch.zeros_like(checks[0])
-            )
-            parts.append(torch.stack(checks, 1))
-        return torch.stack(parts, 2)
+        counts = []
+        for dtype, row in rows.items():
+            low, high, parts = self.columns.checks[dtype]
+            flags = torch.stack([~torch.isfinite(row), (row < low) | (row > high)], 1)
+            counts.append(flags.float() @ parts)  # [S, 2, parts]: flagged columns per part
+        return sum(counts[1:], counts[0]) > 0
 
-    def commit(self, slots: Tensor, layers: Sequence[State], head: State, keep: Tensor) -> None:
-        """Write a batch's new rows back where ``keep`` [S] is True (the others stay as they are).
+    def commit(self, slots: Tensor, rows: dict[torch.dtype, Tensor], keep: Tensor) -> None:
+        """Write a batch's packed new rows back where ``keep`` [S] is True (the others stay).
 
         Called only once the whole batch has succeeded. A masked write rather than a selection
         of the kept slots: the shapes stay static, so it also runs inside a CUDA graph.
         """
-        for pooled, new in zip([*self.layers, self.head], [*layers, head], strict=True):
-            for key, value in new.items():
-                old = pooled[key].index_select(0, slots)
-                mask = keep.view(-1, *([1] * (value.ndim - 1)))
-                pooled[key].index_copy_(0, slots, torch.where(mask, value, old))
+        for dtype, buffer in self.buffers.items():
+            old = buffer.index_select(0, slots)
+            buffer.index_copy_(0, slots, torch.where(keep[:, None], rows[dtype], old))
 
     def read(self, slot: int) -> dict[str, Tensor]:
         """One stream's whole state as flat named tensors (copies), for export and persistence."""
@@ -272,17 +276,64 @@ class StatePool:
         if new <= old:
             new = old + 1  # the reservation below fails with the budget's message
         self.budget.reserve((new - old) * self.layout.slot_bytes, f"a {self.adapter.name} slot")
-        self.layers = [{k: _extend(v, new) for k, v in state.items()} for state in self.layers]
-        self.head = {k: _extend(v, new) for k, v in self.head.items()}
+        self.buffers = {dtype: _extend(v, new) for dtype, v in self.buffers.items()}
+        self._view()
         self.hparams = {k: _extend(v, new) for k, v in self.hparams.items()}
         self.capacity = new
         self._free = list(range(new - 1, old - 1, -1))
 
+    def _view(self) -> None:
+        """Point ``layers`` and ``head`` at the (new) buffers."""
+        self.layers, self.head = self.columns.unpack(self.buffers)
 
-def _slotted(state: State, capacity: int) -> State:
-    return {
-        k: v.unsqueeze(0).repeat(capacity, *([1] * v.ndim)).contiguous() for k, v in state.items()
-    }
+
+class _Columns:
+    """Where each state tensor of a slot lives in the flat buffers: per dtype, each tensor's
+    columns in order (every layer's, then the head's), and per column its bounds and part."""
+
+    def __init__(self, layers: Sequence[State], head: State, bounds: Bounds) -> None:
+        self.places: list[list[tuple[str, torch.dtype, int, tuple[int, ...]]]] = []
+        widths: dict[torch.dtype, int] = {}
+        columns: dict[torch.dtype, list[tuple[float, float, int]]] = {}
+        for part, state in enumerate([*layers, head]):
+            places = []
+            for key, value in state.items():
+                dtype, size = value.dtype, value.numel()
+                places.append((key, dtype, widths.get(dtype, 0), tuple(value.shape)))
+                widths[dtype] = widths.get(dtype, 0) + size
+                low, high = bounds.get(key, UNBOUNDED)
+                columns.setdefault(dtype, []).extend([(low, high, part)] * size)
+            self.places.append(places)
+        device = head[next(iter(head))].device
+        self.checks: dict[torch.dtype, tuple[Tensor, Tensor, Tensor]] = {}
+        for dtype, column in columns.items():
+            low, high, part = torch.tensor(column, dtype=torch.float64, device=device).T
+            membership = torch.nn.functional.one_hot(part.long(), len(self.places)).float()
+            self.checks[dtype] = (low.to(dtype), high.to(dtype), membership)
+
+    def pack(self, layers: Sequence[State], head: State) -> dict[torch.dtype, Tensor]:
+        """States ``[S, ...]`` per part and name as ``{dtype: [S, F]}`` (one concatenation)."""
+        pieces: dict[torch.dtype, list[Tensor]] = {}
+        for places, state in zip(self.places, [*layers, head], strict=True):
+            for key, dtype, _, _ in places:
+                value = state[key]
+                pieces.setdefault(dtype, []).append(value.reshape(value.shape[0], -1))
+        return {dtype: torch.cat(values, 1) for dtype, values in pieces.items()}
+
+    def unpack(self, rows: dict[torch.dtype, Tensor]) -> tuple[list[State], State]:
+        """Named views ``[S, ...]`` of the rows ``{dtype: [S, F]}``: per layer, and the head."""
+        parts = [
+            {
+                key: rows[dtype][:, start : start + math.prod(shape)].view(-1, *shape)
+                for key, dtype, start, shape in places
+            }
+            for places in self.places
+        ]
+        return parts[:-1], parts[-1]
+
+
+def _one_slot(state: State) -> State:
+    return {k: v.unsqueeze(0) for k, v in state.items()}
 
 
 def _extend(tensor: Tensor, capacity: int) -> Tensor:

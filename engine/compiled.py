@@ -109,9 +109,8 @@ def compiled_is_faster(device_type: str) -> bool:
 def mark_pool(pool: Any) -> None:
     """Mark the slot dimension of a pool's tensors dynamic (once per tensor): a growing pool
     reallocates them, which would otherwise recompile every variant."""
-    for state in [*pool.layers, pool.head, pool.hparams]:
-        for tensor in state.values():
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    for tensor in [*pool.buffers.values(), *pool.hparams.values()]:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
 def _bucket(buckets: list[int], size: int) -> int | None:

@@ -76,6 +76,7 @@ class _Group:
     hparams: dict[str, Tensor] = field(default_factory=dict)
     broken: dict[int, Tensor] = field(default_factory=dict)  # layer -> [S] non-finite moments
     pending: dict[int, Moments] = field(default_factory=dict)  # layer -> moments to fold in
+    staged: dict[torch.dtype, Tensor] = field(default_factory=dict)  # new rows, packed
     # Bucketed (compiled) batches only: rows and streams padded to a bucket's sizes.
     valid: Tensor | None = None  # [rows] bool: False for a padding row (in no stream)
     source: Tensor | None = None  # [streams] int64: the real stream each stream copies
@@ -673,7 +674,8 @@ class Engine:
             # Zeroed like the moments, so that one stream's NaN logits stay its own.
             rows = torch.where(finite[:, None], logits, 0.0)
             group.head = observe_head(group.head, rows, group.members, self.window)
-            state = group.pool.problems(group.layers, group.head)
+            group.staged = group.pool.pack(group.layers, group.head)
+            state = group.pool.problems(group.staged)
         else:
             state = bad_logits.new_zeros((streams, 2, len(self.layers) + 1))
         state[:, 0, : len(self.layers)] |= broken
@@ -834,14 +836,12 @@ def _pool_key(adapter: Adapter, config: BaseModel) -> PoolKey:
 
 def _commit(group: _Group, keep: Tensor) -> None:
     """Write the group's staged states where ``keep`` [S]; padding streams write their copies."""
-    layers, head = group.layers, group.head
+    staged = group.staged
     if group.source is not None:
         # A padding stream has its source stream's slot: give it the same values and flag.
-        rows = group.source
-        keep = keep.index_select(0, rows)
-        layers = [{k: v.index_select(0, rows) for k, v in state.items()} for state in layers]
-        head = {k: v.index_select(0, rows) for k, v in head.items()}
-    group.pool.commit(group.slots, layers, head, keep)
+        keep = keep.index_select(0, group.source)
+        staged = {dtype: rows.index_select(0, group.source) for dtype, rows in staged.items()}
+    group.pool.commit(group.slots, staged, keep)
 
 
 class _CapturedForward:

@@ -127,11 +127,16 @@ def segment_sum(members: Tensor, values: Tensor) -> Tensor:
 
     A matmul rather than ``index_add``: on the CPU, index_add over a few rows serialises and
     was the slowest op of the whole adapted forward. Compiled batches (engine/compiled.py) may
-    hold padding rows in no stream: there the product, which masks them, is always taken.
+    hold padding rows in no stream: there the masked sum, which skips them, is always taken.
     """
-    if members.shape[0] == 1 and not torch.compiler.is_compiling():
-        return values.sum(0, keepdim=True)
     flat = values.reshape(values.shape[0], -1)
+    if torch.compiler.is_compiling():
+        # A masked reduction: inductor fuses it with the values' producer and its consumers
+        # (a matmul is a library call between two more passes), and NaN stays in its stream.
+        picked = torch.where(members[:, :, None] > 0, flat[None], 0.0)
+        return picked.sum(1).reshape(members.shape[0], *values.shape[1:])
+    if members.shape[0] == 1:
+        return values.sum(0, keepdim=True)
     return (members.to(flat.dtype) @ flat).reshape(members.shape[0], *values.shape[1:])
 
 

@@ -74,7 +74,8 @@ class _Group:
     layers: list[State] = field(default_factory=list)
     head: State = field(default_factory=dict)
     hparams: dict[str, Tensor] = field(default_factory=dict)
-    broken: dict[int, Tensor] = field(default_factory=dict)  # layer -> [S] non-finite moments
+    first: Tensor = field(default_factory=lambda: torch.empty(0))  # [streams] first row
+    broken: dict[int, Tensor] = field(default_factory=dict)  # layer -> [S, C] non-finite counts
     pending: dict[int, Moments] = field(default_factory=dict)  # layer -> moments to fold in
     staged: dict[torch.dtype, Tensor] = field(default_factory=dict)  # new rows, packed
     # Bucketed (compiled) batches only: rows and streams padded to a bucket's sizes.
@@ -192,6 +193,7 @@ class _Batch:
                 group.images,
                 pixels,
                 group.members,
+                group.first,
             )
             mean, var, state = adapted_statistics(
                 group.adapter, group.layers[index], moments, source, group.hparams, group.adapt
@@ -240,24 +242,35 @@ def _moments(
     images: Tensor,
     pixels: int,
     members: Tensor,
+    first: Tensor | None = None,
 ) -> tuple[Moments, Tensor]:
     """Pool per-image moments into per-stream segment moments (law of total variance, fp64).
 
-    Also which streams have an image with NaN or infinite moments ``[S]``: those images' moments
-    are zeroed, because the one-hot matrix products that pool them would spread NaN to every
-    stream of the group (0 * inf is NaN); their streams are refused instead.
+    One pass: each stream's sums of its images' means and second moments about its first image's
+    mean ``first`` [S] (a row index; default: found from ``members``), so the pooled variance
+    does not cancel however far the stream is from zero (within a batch, images are a few
+    standard deviations apart) and a compiled forward pools with one reduction.
+
+    Also the count of non-finite per-image moments per stream and channel ``[S, C]``: those
+    entries are zeroed (elementwise, before the pooling), because the one-hot products that
+    pool them would spread NaN to every stream of the group (0 * inf is NaN); their streams
+    are refused instead (``Engine._problems``).
     """
-    finite = torch.isfinite(sample_mean).all(1) & torch.isfinite(sample_var).all(1)
-    broken = segment_sum(members, (~finite).double()) > 0
-    sample_mean = torch.where(finite[:, None], sample_mean, 0.0)
-    sample_var = torch.where(finite[:, None], sample_var, 0.0)
+    finite = torch.isfinite(sample_mean) & torch.isfinite(sample_var)
+    sample_mean = torch.where(finite, sample_mean, 0.0)
+    sample_var = torch.where(finite, sample_var, 0.0)
+    if first is None:
+        first = members.argmax(1)
+    shift = sample_mean.index_select(0, first).double()  # [S, C]
+    centered = sample_mean.double() - shift.index_select(0, segment)
+    second = torch.where(finite, sample_var.double() + centered.square(), 0.0)
+    sums = segment_sum(members, torch.stack([centered, second, (~finite).double()], 1))
     count = images[:, None]
-    sample_mean64 = sample_mean.double()
-    mean = segment_sum(members, sample_mean64) / count
-    spread = (sample_mean64 - mean.index_select(0, segment)).square() + sample_var.double()
-    var = segment_sum(members, spread) / count
+    offset = sums[:, 0] / count
+    mean = shift + offset
+    var = (sums[:, 1] / count - offset.square()).clamp(min=0)
     moments = Moments(sample_mean, sample_var, segment, images, pixels, mean, var, members)
-    return moments, broken
+    return moments, sums[:, 2]
 
 
 class Engine:
@@ -327,6 +340,11 @@ class Engine:
             f"the statistics of BN layer {index} of {count} ({layer.name})"
             for index, layer in enumerate(self.layers)
         ] + ["the prediction observer", "the logits"]
+        # which layer each channel of the concatenated layers belongs to: [sum of C, layers]
+        channels = torch.tensor([layer.source.mean.numel() for layer in self.layers])
+        self._channel_layers = torch.nn.functional.one_hot(
+            torch.arange(count).repeat_interleave(channels), count
+        ).to(self.device, torch.float64)
         self.num_classes = num_classes
         self.capacity = capacity
         self.autocast_dtype = autocast_dtype
@@ -633,6 +651,7 @@ class Engine:
             if group.valid is not None:
                 members = members & group.valid[None, :]
             group.members = members.double()
+            group.first = members.to(torch.uint8).argmax(1)
         with self._autocast():
             logits = self.network.forward(x, batch).float()
         for group in groups:
@@ -668,7 +687,9 @@ class Engine:
         """
         finite = torch.isfinite(logits).all(1)
         bad_logits = segment_sum(group.members, (~finite).double()) > 0  # [S]
-        broken = torch.stack([group.broken[index] for index in range(len(self.layers))], 1)
+        # per stream and layer: one product over every layer's channels, not one sum per layer
+        counts = torch.cat([group.broken[index] for index in range(len(self.layers))], 1)
+        broken = (counts @ self._channel_layers) > 0  # [S, layers]
         streams = bad_logits.shape[0]
         if group.adapt:
             # Zeroed like the moments, so that one stream's NaN logits stay its own.

@@ -15,6 +15,7 @@ are not finite) is refused alone: its state stays as it was, the other streams c
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ class _Group:
     head: State = field(default_factory=dict)
     hparams: dict[str, Tensor] = field(default_factory=dict)
     first: Tensor = field(default_factory=lambda: torch.empty(0))  # [streams] first row
-    broken: dict[int, Tensor] = field(default_factory=dict)  # layer -> [S, C] non-finite counts
+    broken: dict[int, Tensor] = field(default_factory=dict)  # layer -> [S] non-finite moments
     pending: dict[int, Moments] = field(default_factory=dict)  # layer -> moments to fold in
     staged: dict[torch.dtype, Tensor] = field(default_factory=dict)  # new rows, packed
     # Bucketed (compiled) batches only: rows and streams padded to a bucket's sizes.
@@ -186,7 +187,7 @@ class _Batch:
         source = self.layers[index].source
         means, variances = [], []
         for group in self.groups:
-            moments, group.broken[index] = _moments(
+            moments, broken = _moments(
                 sample_mean[group.start : group.stop],
                 sample_var[group.start : group.stop],
                 group.segment,
@@ -198,6 +199,8 @@ class _Batch:
             mean, var, state = adapted_statistics(
                 group.adapter, group.layers[index], moments, source, group.hparams, group.adapt
             )
+            if not group.adapt:  # (an adapted group's new state is NaN: refused with it)
+                group.broken[index] = broken
             if group.adapt and group.adapter.pseudo_labels:
                 group.pending[index] = moments  # folded in once the forward has predicted
             if group.adapt:
@@ -251,10 +254,10 @@ def _moments(
     does not cancel however far the stream is from zero (within a batch, images are a few
     standard deviations apart) and a compiled forward pools with one reduction.
 
-    Also the count of non-finite per-image moments per stream and channel ``[S, C]``: those
-    entries are zeroed (elementwise, before the pooling), because the one-hot products that
-    pool them would spread NaN to every stream of the group (0 * inf is NaN); their streams
-    are refused instead (``Engine._problems``).
+    Non-finite per-image moments are zeroed (elementwise, before the pooling), because the
+    one-hot products that pool them would spread NaN to every stream of the group (0 * inf is
+    NaN); their streams' pooled means are NaN instead, so that the new state is refused (at
+    no extra pass), and which streams had any ``[S]`` is returned too.
     """
     finite = torch.isfinite(sample_mean) & torch.isfinite(sample_var)
     sample_mean = torch.where(finite, sample_mean, 0.0)
@@ -267,10 +270,10 @@ def _moments(
     sums = segment_sum(members, torch.stack([centered, second, (~finite).double()], 1))
     count = images[:, None]
     offset = sums[:, 0] / count
-    mean = shift + offset
+    mean = torch.where(sums[:, 2] > 0, math.nan, shift + offset)
     var = (sums[:, 1] / count - offset.square()).clamp(min=0)
     moments = Moments(sample_mean, sample_var, segment, images, pixels, mean, var, members)
-    return moments, sums[:, 2]
+    return moments, (sums[:, 2] > 0).any(1)
 
 
 class Engine:
@@ -340,11 +343,6 @@ class Engine:
             f"the statistics of BN layer {index} of {count} ({layer.name})"
             for index, layer in enumerate(self.layers)
         ] + ["the prediction observer", "the logits"]
-        # which layer each channel of the concatenated layers belongs to: [sum of C, layers]
-        channels = torch.tensor([layer.source.mean.numel() for layer in self.layers])
-        self._channel_layers = torch.nn.functional.one_hot(
-            torch.arange(count).repeat_interleave(channels), count
-        ).to(self.device, torch.float64)
         self.num_classes = num_classes
         self.capacity = capacity
         self.autocast_dtype = autocast_dtype
@@ -683,13 +681,11 @@ class Engine:
         """The group's streams' problems ``[S, 2, parts]``: staged states, then logits.
 
         A layer's statistics count as not finite for a stream whose images had non-finite
-        moments there (zeroed in the pooling, see ``_moments``), whatever its state became.
+        moments there: an adapted stream's new state is NaN there (see ``_moments``), and a
+        stream that does not adapt is flagged from the moments.
         """
         finite = torch.isfinite(logits).all(1)
         bad_logits = segment_sum(group.members, (~finite).double()) > 0  # [S]
-        # per stream and layer: one product over every layer's channels, not one sum per layer
-        counts = torch.cat([group.broken[index] for index in range(len(self.layers))], 1)
-        broken = (counts @ self._channel_layers) > 0  # [S, layers]
         streams = bad_logits.shape[0]
         if group.adapt:
             # Zeroed like the moments, so that one stream's NaN logits stay its own.
@@ -699,7 +695,8 @@ class Engine:
             state = group.pool.problems(group.staged)
         else:
             state = bad_logits.new_zeros((streams, 2, len(self.layers) + 1))
-        state[:, 0, : len(self.layers)] |= broken
+            broken = torch.stack([group.broken[index] for index in range(len(self.layers))], 1)
+            state[:, 0, : len(self.layers)] |= broken
         logit_flags = torch.stack([bad_logits, torch.zeros_like(bad_logits)], 1)
         return torch.cat([state, logit_flags[:, :, None]], 2)
 

@@ -3,6 +3,7 @@
     uv run python -m bench.http                      # starts its own server on a free port
     uv run python -m bench.http --url http://127.0.0.1:8000
     uv run python -m bench.http --client httpx --images 1 --clients 16 128 --adapters adabn
+    uv run python -m bench.http --engine-mode compiled --clients 1 4   # engine/compiled.py
 
 Every client owns one stream and posts raw uint8 tensors of 1 or 64 images back to back for a
 fixed time; the sweep reports throughput (images/s), p50/p95/p99 latency and the load clients'
@@ -26,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import httpx
@@ -42,12 +43,17 @@ MODEL = "cifar10_resnet20"
 
 
 @contextlib.contextmanager
-def local_server(device: str, store: str = "memory") -> Iterator[str]:
+def local_server(device: str, store: str = "memory", engine_mode: str = "auto") -> Iterator[str]:
     """A tta-serve process on a free loopback port (its data in a temp dir), stopped at exit."""
     with (
         tempfile.TemporaryDirectory() as data,
         tta_server(
-            Path(data), store=store, device=device, max_streams="4096", slots_per_pool="512"
+            Path(data),
+            store=store,
+            device=device,
+            max_streams="4096",
+            slots_per_pool="512",
+            engine_mode=engine_mode,
         ) as url,
     ):
         yield url
@@ -145,14 +151,20 @@ async def sweep_level(
     return Level(len(latencies) * images / elapsed, latencies, cpu / requests * 1e3)
 
 
-def engine_throughput(adapter: str, images: int, device: str, seconds: float) -> float:
+def engine_throughput(
+    adapter: str,
+    images: int,
+    device: str,
+    seconds: float,
+    mode: Literal["eager", "compiled"] = "eager",
+) -> float:
     """Images/s of the engine alone on the same batches (uint8 in, normalised on device)."""
     from engine.core import Engine
     from models import create_model, normalize
 
     cache = Path(os.environ.get("TTA_MODEL_CACHE_DIR", ".cache/models"))
     model, spec = create_model(MODEL, cache_dir=cache)
-    engine = Engine(model, name=MODEL, num_classes=spec.num_classes, device=device)
+    engine = Engine(model, name=MODEL, num_classes=spec.num_classes, device=device, mode=mode)
     stream = engine.open_stream(adapter)
     x = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8)
     for _ in range(3):
@@ -183,6 +195,13 @@ def main() -> None:
         default="aiohttp",
         help="HTTP client of the load (httpx: to show its cost; its own report section)",
     )
+    parser.add_argument(
+        "--engine-mode",
+        choices=["eager", "compiled"],
+        default="eager",
+        help="the server's and the engine's forward (compiled: each layout compiles on the "
+        "warm-up request of its level, untimed)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/performance.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -191,13 +210,17 @@ def main() -> None:
     rng = np.random.default_rng(0)
     # The engine alone first, before a server process shares the machine.
     engine = {
-        (adapter, images): engine_throughput(adapter, images, args.device, args.seconds)
+        (adapter, images): engine_throughput(
+            adapter, images, args.device, args.seconds, args.engine_mode
+        )
         for images in args.images
         for adapter in args.adapters
     }
     rows, ratios = [], {}
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(local_server(args.device))
+        url = args.url or stack.enter_context(
+            local_server(args.device, engine_mode=args.engine_mode)
+        )
         for images in args.images:
             payload = rng.integers(0, 256, (images, 3, 32, 32), dtype=np.uint8).tobytes()
             for adapter in args.adapters:
@@ -231,7 +254,8 @@ def main() -> None:
     where = machine(args.device)
     lines = [
         f"## HTTP load, {MODEL} on {args.device.upper()}"
-        + ("" if args.client == "aiohttp" else f", {args.client} load clients"),
+        + ("" if args.client == "aiohttp" else f", {args.client} load clients")
+        + ("" if args.engine_mode == "eager" else f", {args.engine_mode} engine"),
         "",
         f"Machine: {where}; client, server and engine on the same machine. "
         f"Command: `{command_line()}`. {args.seconds:g} s per level, one stream per client; "
@@ -268,6 +292,7 @@ def main() -> None:
         ]
     key = f"bench.http:{torch.device(args.device).type}"
     key += "" if args.client == "aiohttp" else f":{args.client}"
+    key += "" if args.engine_mode == "eager" else f":{args.engine_mode}"
     write_section(args.out, key, "\n".join(lines))
     log.info("\n".join(lines))
 

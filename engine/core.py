@@ -649,7 +649,7 @@ class Engine:
             if group.valid is not None:
                 members = members & group.valid[None, :]
             group.members = members.double()
-            group.first = members.to(torch.uint8).argmax(1)
+            group.first = group.members.argmax(1)  # each stream's first row
         with self._autocast():
             logits = self.network.forward(x, batch).float()
         for group in groups:

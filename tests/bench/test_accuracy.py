@@ -28,6 +28,7 @@ from bench.accuracy import (
     measure,
     parse_args,
     render,
+    render_best_everywhere,
     run_protocol,
     score_candidates,
     stream_config,
@@ -316,6 +317,45 @@ def test_candidate_gaps_and_worst_protocol() -> None:
     assert candidate.gaps == {"iid64": -20.0, "single": 2.5}
     assert candidate.worst == ("single", 2.5)
     assert candidate.overall == pytest.approx(46.25)
+
+
+def test_best_everywhere_gaps_verdicts_and_share_removed() -> None:
+    results = _results(
+        iid64={"source": 60.0, "tbn": 40.0, "adabn": 41.5, "momentum": 39.0},
+        continual={"source": 60.0, "tbn": 45.0, "adabn": 46.0, "momentum": 70.0},
+    )
+    results.tables["continual"].errors["tbn"][0] = math.nan  # one corruption not measured
+    results.clean["source"] = 20.0
+    text = "\n".join(render_best_everywhere(results))
+    # continual's best among complete variants is adabn (tbn lacks a corruption)
+    assert "| best | momentum 39.0 | adabn 46.0 |" in text
+    assert "| adabn | +2.5 | +0.0 | missed |" in text
+    assert "| momentum | +0.0 | +24.0 | missed |" in text  # and worse than source
+    assert "| tbn | +1.0 |  | not measured everywhere |" in text
+    # (60 - 39) / (60 - 20) = 52 % of the corruption-added error removed, i.i.d.
+    assert "| momentum | 52 | -25 |" in text
+
+
+def test_best_everywhere_meets_within_two_points_and_never_worse() -> None:
+    results = _results(
+        iid64={"source": 60.0, "a": 40.0, "b": 41.9},
+        dirichlet={"source": 60.0, "a": 50.0, "b": 45.0},
+    )
+    text = "\n".join(render_best_everywhere(results))
+    assert "| b | +1.9 | +0.0 | met |" in text
+    assert "| a | +0.0 | +5.0 | missed |" in text
+
+
+def test_parallel_runs_sharing_a_cells_file_keep_each_others_results(tmp_path: Path) -> None:
+    path = tmp_path / "cells.json"
+    first, second = ResultCache(path), ResultCache(path)  # both opened before either stores
+    first.store("s|iid64", "i.i.d.", 10, 0.2, "tbn", {"fog": 30.0})
+    second.store("s|iid64", "i.i.d.", 10, 0.2, "adabn", {"fog": 31.0})
+    second.store("s|single", "N=1", 10, 0.1, "adabn", {"fog": 50.0})
+    reread = ResultCache(path)
+    assert reread.errors("s|iid64", "tbn") == {"fog": 30.0}
+    assert reread.errors("s|iid64", "adabn") == {"fog": 31.0}
+    assert reread.errors("s|single", "adabn") == {"fog": 50.0}
 
 
 def test_variant_labels_are_unique() -> None:

@@ -110,6 +110,8 @@ READING = {
     "`time() - ...` is the age of its other values (restored streams keep theirs).",
     "tta_state_memory_bytes": "Memory of the stream states per adapter's pools; it grows as "
     "pools grow and is freed as they empty.",
+    "tta_compiled_layouts": "With `engine_mode` compiled: layouts ready (run compiled), "
+    "compiling (run eagerly meanwhile) and failed (run eagerly for good; see the log).",
     "tta_state_memory_limit_bytes": "The bound on a model's state memory (`max_state_bytes`; "
     "0: none): compare with `sum by (model) (tta_state_memory_bytes)`.",
     "tta_state_memory_refusals": "Streams refused a slot at the memory bound (507): raise "
@@ -175,7 +177,11 @@ def exercised_registry(model_cache: Path) -> list[Metric]:
 async def _exercise(model_cache: Path) -> list[Metric]:
     with tempfile.TemporaryDirectory() as data:
         settings = Settings(
-            store="memory", data_dir=Path(data), model_cache_dir=model_cache, log_level="warning"
+            store="memory",
+            data_dir=Path(data),
+            model_cache_dir=model_cache,
+            log_level="warning",
+            engine_mode="eager",  # the same families either way; no compilation meanwhile
         )
         app = create_app(settings)
         model = settings.models[0]

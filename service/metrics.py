@@ -518,6 +518,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.compiled_layouts = Gauge(
+            "compiled_layouts",
+            "Batch layouts of a model's compiled forward, by state (ready, compiling, failed)",
+            ["model", "state"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.state_memory_limit = Gauge(
             "state_memory_limit_bytes",
             "Bound on a model's stream state memory (max_state_bytes; 0: none)",

@@ -32,7 +32,7 @@ BODY = """extern "C" void kernel(float* a)
 
 def test_loop_nests_counts_outermost_loops_only() -> None:
     assert _loop_nests(BODY) == 2
-    assert _loop_nests("extern \"C\" void kernel()\n{\n}") == 0
+    assert _loop_nests('extern "C" void kernel()\n{\n}') == 0
 
 
 def test_a_pointwise_chain_is_one_loop_and_a_global_reduction_adds_one() -> None:

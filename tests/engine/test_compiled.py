@@ -23,6 +23,7 @@ NAMES = sorted(ADAPTERS)
 # Compiling takes minutes on a loaded 2-core machine: each compiling test may take 20.
 COMPILES = pytest.mark.timeout(1200)
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}  # as the CPU/GPU parity tests
+SHAPE = (3, 8, 8)  # one image of the tests' networks
 
 
 def two_layer_net(seed: int = 0) -> nn.Module:
@@ -111,7 +112,47 @@ def test_compiled_matches_eager_with_padded_rows_and_streams() -> None:
         net, [("adabn", {"prior_images": 2})] * 3, calls, row_buckets=[8], stream_buckets=[4]
     )
     assert compiled.compiled is not None
-    assert compiled.compiled.variants == {((("adabn", ()), True, 8, 4),)}
+    shape = tuple(calls[0][2].shape[1:])
+    assert compiled.compiled.variants == {(shape, ((("adabn", ()), True, 8, 4),))}
+
+
+@COMPILES
+def test_a_new_layout_runs_eagerly_while_it_compiles_in_the_background() -> None:
+    """With compile_in_background the first batch of a layout runs eagerly (no stall) while a
+    thread compiles the layout on scratch pools; once ready, the next batch runs compiled
+    without recompiling, and every call equals the eager engine's."""
+    net = two_layer_net()
+    eager = Engine(net, num_classes=3)
+    engine = Engine(
+        net,
+        num_classes=3,
+        mode="compiled",
+        row_buckets=[4],
+        stream_buckets=[2],
+        compile_in_background=True,
+    )
+    assert engine.compiled is not None
+    pairs = [
+        (eager.open_stream("adabn", seed=i), engine.open_stream("adabn", seed=i)) for i in range(2)
+    ]
+    compiled_calls = []
+    step = engine.compiled.compiled
+    engine.compiled.compiled = lambda *args: compiled_calls.append(1) or step(*args)
+
+    def call(x: Tensor) -> None:
+        want = eager.forward(x, [(pairs[0][0], 1), (pairs[1][0], 2)])
+        got = engine.forward(x, [(pairs[0][1], 1), (pairs[1][1], 2)])
+        torch.testing.assert_close(got.logits, want.logits, **TOLERANCE)
+        assert got.refusals() == want.refusals() == [None, None]
+        assert_same_states(eager, engine, pairs)
+
+    call(images(3, 0, shift=0.5))  # schedules the layout, runs eagerly
+    engine.wait_compiled()
+    assert len(engine.compiled.ready) == 1
+    compiled_calls.clear()  # the background compilation's own scratch call
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        call(images(3, 1, shift=-0.2))
+    assert compiled_calls == [1]
 
 
 def test_a_batch_outside_the_buckets_runs_eagerly() -> None:
@@ -125,19 +166,19 @@ def test_a_batch_outside_the_buckets_runs_eagerly() -> None:
 
 def test_buckets_pad_to_the_smallest_that_fits() -> None:
     step = CompiledStep(lambda *args: args, row_buckets=[4, 1, 16], stream_buckets=[2, 8])
-    assert step.pad([("p", True, 3, 2), ("q", False, 1, 1)]) == [(4, 2), (1, 1)]
-    assert step.pad([("p", True, 17, 1)]) is None  # beyond the largest row bucket
-    assert step.pad([("p", True, 16, 9)]) is None  # beyond the largest stream bucket
+    assert step.pad(SHAPE, [("p", True, 3, 2), ("q", False, 1, 1)]) == [(4, 2), (1, 1)]
+    assert step.pad(SHAPE, [("p", True, 17, 1)]) is None  # beyond the largest row bucket
+    assert step.pad(SHAPE, [("p", True, 16, 9)]) is None  # beyond the largest stream bucket
     with pytest.raises(ValueError, match="positive"):
         CompiledStep(lambda *args: args, row_buckets=[0])
 
 
 def test_variants_are_bounded() -> None:
     step = CompiledStep(lambda *args: args, row_buckets=[1, 2, 4], max_variants=2)
-    assert step.pad([("p", True, 1, 1)]) is not None
-    assert step.pad([("p", True, 2, 1)]) is not None
-    assert step.pad([("p", True, 1, 1)]) is not None  # known: still compiled
-    assert step.pad([("p", True, 4, 1)]) is None  # a third layout: eager
+    assert step.pad(SHAPE, [("p", True, 1, 1)]) is not None
+    assert step.pad(SHAPE, [("p", True, 2, 1)]) is not None
+    assert step.pad(SHAPE, [("p", True, 1, 1)]) is not None  # known: still compiled
+    assert step.pad(SHAPE, [("p", True, 4, 1)]) is None  # a third layout: eager
 
 
 @pytest.mark.slow

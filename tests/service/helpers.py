@@ -97,6 +97,17 @@ def post_pixels(client: httpx.Client, stream_id: str, pixels: np.ndarray) -> htt
     )
 
 
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    """The value of the /metrics sample ``name`` with ``labels`` (KeyError if there is none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise KeyError(name)
+
+
 def stored_samples(url: str, stream_id: str) -> int:
     """The sample count in the stream's record in Redis (what survives every replica)."""
     store = RedisStore(url, replica_id="reader")

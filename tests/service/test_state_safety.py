@@ -30,6 +30,7 @@ from service.streams import SERVICE_METADATA_KEY
 from tests.service.helpers import (
     MODEL,
     Server,
+    metric,
     post_pixels,
     random_pixels,
     running_server,
@@ -359,16 +360,6 @@ def test_an_import_is_parsed_off_the_engine_thread(
 
 
 # --- defect 2: state memory is bounded per model -----------------------------------------
-
-
-def metric(client: httpx.Client, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise KeyError(name)
 
 
 def test_state_memory_is_bounded_and_freed(tmp_path: Path, model_cache: Path) -> None:

@@ -130,7 +130,7 @@ def segment_sum(members: Tensor, values: Tensor) -> Tensor:
     hold padding rows in no stream: there the masked sum, which skips them, is always taken.
     """
     flat = values.reshape(values.shape[0], -1)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         # A masked reduction: inductor fuses it with the values' producer and its consumers
         # (a matmul is a library call between two more passes), and NaN stays in its stream.
         picked = torch.where(members[:, :, None] > 0, flat[None], 0.0)

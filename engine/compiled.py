@@ -78,12 +78,7 @@ class CompiledStep:
         self.streams = sorted(set(stream_buckets))
         self.max_variants = max_variants
         self.step = step
-        # One code object compiled per layout: dynamo's default limit (8) would fall back.
-        config: Any = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, max_variants)
-        config.accumulated_recompile_limit = max(
-            config.accumulated_recompile_limit, 4 * max_variants
-        )
+        self._configured = threading.local()
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
         self.variants: set[Layout] = set()  # every layout compiled or being compiled
         self.ready: set[Layout] = set()  # those that may run compiled
@@ -168,6 +163,15 @@ class CompiledStep:
 
     def __call__(self, x: Tensor, groups: list, commit: Tensor) -> tuple[Tensor, Tensor]:
         """The compiled step on a batch padded by :meth:`pad`."""
+        if not getattr(self._configured, "done", False):
+            # One code object compiled per layout: dynamo's default limit (8) would fall back.
+            # Dynamo's config is per thread: set it in each thread that calls.
+            config: Any = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, self.max_variants)
+            config.accumulated_recompile_limit = max(
+                config.accumulated_recompile_limit, 4 * self.max_variants
+            )
+            self._configured.done = True
         for group in groups:
             mark_pool(group.pool)
         return self.compiled(x, groups, commit)

@@ -48,11 +48,10 @@ COPY --from=build /app /app
 WORKDIR /app
 # TTA_ALLOW_UNAUTHENTICATED: the container binds every interface; publish its port only to
 # trusted networks, or give it API keys (TTA_API_KEYS_FILE, docs/security.md) and set it false.
-# TTA_ENGINE_MODE=eager: the compiled forward (engine/compiled.py) needs a C++ compiler at run
-# time (inductor), which this slim image lacks; add g++ and set it to auto to compile.
+# The compiled forward (TTA_ENGINE_MODE=compiled, engine/compiled.py) needs a C++ compiler at run
+# time (inductor's CPU backend), which this slim image lacks: add g++ to use it.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    TTA_ENGINE_MODE=eager \
     TTA_HOST=0.0.0.0 \
     TTA_ALLOW_UNAUTHENTICATED=true \
     TTA_PORT=8000 \

@@ -110,8 +110,9 @@ READING = {
     "`time() - ...` is the age of its other values (restored streams keep theirs).",
     "tta_state_memory_bytes": "Memory of the stream states per adapter's pools; it grows as "
     "pools grow and is freed as they empty.",
-    "tta_compiled_layouts": "With `engine_mode` compiled: layouts ready (run compiled), "
-    "compiling (run eagerly meanwhile) and failed (run eagerly for good; see the log).",
+    "tta_compiled_layouts": "With `engine_mode` compiled: each new layout costs a compilation "
+    "(tens of seconds on a CPU) on the batch that first has it; a rising count after start-up "
+    "means traffic the warm-up (`compile_warmup`) did not cover.",
     "tta_state_memory_limit_bytes": "The bound on a model's state memory (`max_state_bytes`; "
     "0: none): compare with `sum by (model) (tta_state_memory_bytes)`.",
     "tta_state_memory_refusals": "Streams refused a slot at the memory bound (507): raise "

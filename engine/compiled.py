@@ -14,10 +14,10 @@ commit, so duplicate writes to the slot agree. The pools' slot dimension is mark
 a growing pool does not recompile. So the variants are the bucket layouts that occur, at most
 ``max_variants`` (a layout beyond that runs the eager step on the padded batch: same results).
 
-Compiling a layout takes tens of seconds (a minute on a small CPU). With ``background`` a new
-layout is compiled on a thread of its own, from a batch of zeros on scratch state pools (no
-stream is touched), while the engine runs that layout eagerly; once compiled it is used. A
-server so never stalls a request for a compilation.
+Compiling a layout takes tens of seconds (a minute on a small CPU), on the batch that first has
+it: warm the expected layouts at start-up. (Compiling on another thread while the engine thread
+runs eagerly is not safe: inductor's FX tracer patches ``nn.Module.__call__`` process-wide while
+it traces, and an eager forward on another thread then fails.)
 
 The eager engine stays the reference: ``Engine(mode="eager")`` is the default, and every
 compiled result equals the eager one to float tolerance (tests/engine/test_compiled.py).
@@ -29,7 +29,6 @@ import bisect
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -42,9 +41,10 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MAX_VARIANTS = 64
 # Where bench.engine --mode compiled measured the compiled adapted forward faster than the eager
 # one at every batch size (docs/performance.md): what ``engine_mode=auto`` compiles on.
-# CPU: 0.22-0.60x the eager time at batch 1 and 256, every adapter (CPU, AMD EPYC, 2 cores);
-# CUDA: not measured yet (no GPU lent).
-FASTER_ON: dict[str, bool] = {"cpu": True, "cuda": False}
+# CPU: 0.21-0.53x the eager time at batch 1 and 256, every adapter (CPU, AMD EPYC, 2 cores), but
+# each new layout compiles for 30-100 s on the batch that first has it: not a default for a
+# server whose layouts vary (docs/performance.md). CUDA: not measured yet (no GPU lent).
+FASTER_ON: dict[str, bool] = {"cpu": False, "cuda": False}
 
 Layout = tuple  # (image shape, per group: (pool key, adapt, rows, streams))
 
@@ -59,8 +59,6 @@ class CompiledStep:
         max_variants: the most layouts compiled; later new ones run ``step`` eagerly.
         mode: inductor's mode (None: the default; on CUDA the engine captures the graphs
             itself, see ``Engine(cuda_graphs=True)``).
-        scratch: with it, new layouts compile in the background: ``scratch(layout)`` gives
-            the ``(x, groups, commit)`` of a batch of that layout that changes no stream.
     """
 
     def __init__(
@@ -70,7 +68,6 @@ class CompiledStep:
         stream_buckets: Sequence[int] = DEFAULT_BUCKETS,
         max_variants: int = MAX_VARIANTS,
         mode: str | None = None,
-        scratch: Callable[[Layout], tuple[Tensor, list, Tensor]] | None = None,
     ) -> None:
         if not row_buckets or not stream_buckets or min(*row_buckets, *stream_buckets) < 1:
             raise ValueError("buckets must be positive sizes")
@@ -78,22 +75,16 @@ class CompiledStep:
         self.streams = sorted(set(stream_buckets))
         self.max_variants = max_variants
         self.step = step
-        self._configured = threading.local()
         self.compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
-        self.variants: set[Layout] = set()  # every layout compiled or being compiled
-        self.ready: set[Layout] = set()  # those that may run compiled
-        self.failed: set[Layout] = set()  # those whose compilation failed: eager for good
-        self.scratch = scratch
-        self._compiler = ThreadPoolExecutor(1, "tta-compile") if scratch is not None else None
-        self._pending: list[Future] = []
-        self._lock = threading.Lock()
+        self.variants: set[Layout] = set()  # every layout compiled (or compiling)
+        self._configured = threading.local()
 
     def pad(
         self, shape: Sequence[int], groups: Sequence[tuple[object, bool, int, int]]
     ) -> list[tuple[int, int]] | None:
         """Each group's (rows, streams) padded to its buckets, from (pool key, adapt, rows,
-        streams) and the image ``shape``; None (run eagerly, unpadded) if one does not fit, the
-        layout would be one variant too many, or it is still compiling in the background."""
+        streams) and the image ``shape``; None (run eagerly, unpadded) if one does not fit or
+        the layout would be one variant too many."""
         padded = []
         for _, _, rows, streams in groups:
             row_bucket = _bucket(self.rows, rows)
@@ -105,61 +96,12 @@ class CompiledStep:
             tuple(shape),
             tuple((g[0], g[1], *size) for g, size in zip(groups, padded, strict=True)),
         )
-        with self._lock:
-            if layout in self.ready:
-                return padded
-            if layout in self.variants or len(self.variants) >= self.max_variants:
+        if layout not in self.variants:
+            if len(self.variants) >= self.max_variants:
                 return None
+            log.info("compiling the adapted forward for layout %s", layout)
             self.variants.add(layout)
-            if self._compiler is None:  # compiled by this call
-                log.info("compiling the adapted forward for layout %s", layout)
-                self.ready.add(layout)
-                return padded
-            log.info("compiling the adapted forward for layout %s in the background", layout)
-            self._pending.append(self._compiler.submit(self._compile, layout))
-            return None
-
-    def counts(self) -> dict[str, int]:
-        """Layouts by state: ready, compiling (running eagerly meanwhile), failed."""
-        with self._lock:
-            ready, failed = len(self.ready), len(self.failed)
-            return {
-                "ready": ready,
-                "compiling": len(self.variants) - ready - failed,
-                "failed": failed,
-            }
-
-    def wait(self) -> None:
-        """Block until every layout scheduled so far has compiled (or failed to)."""
-        while True:
-            with self._lock:
-                pending, self._pending = self._pending, []
-            if not pending:
-                return
-            for future in pending:
-                future.exception()
-
-    def _compile(self, layout: Layout) -> None:
-        """Compile one layout on a scratch batch (the background thread)."""
-        assert self.scratch is not None
-        try:
-            with torch.inference_mode():
-                x, groups, commit = self.scratch(layout)
-                if x.is_cuda:  # off the engine's stream (it may be capturing a CUDA graph)
-                    side = torch.cuda.Stream(x.device)
-                    with torch.cuda.stream(side):
-                        self(x, groups, commit)
-                    side.synchronize()
-                else:
-                    self(x, groups, commit)
-        except Exception:  # the layout keeps running eagerly: same results, only slower
-            log.exception("compiling layout %s failed; it runs eagerly", layout)
-            with self._lock:
-                self.failed.add(layout)
-            return
-        with self._lock:
-            self.ready.add(layout)
-        log.info("layout %s compiled", layout)
+        return padded
 
     def __call__(self, x: Tensor, groups: list, commit: Tensor) -> tuple[Tensor, Tensor]:
         """The compiled step on a batch padded by :meth:`pad`."""

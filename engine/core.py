@@ -329,7 +329,6 @@ class Engine:
         mode: Literal["eager", "compiled"] = "eager",
         row_buckets: Sequence[int] = DEFAULT_BUCKETS,
         stream_buckets: Sequence[int] = DEFAULT_BUCKETS,
-        compile_in_background: bool = False,
     ) -> None:
         self.name = name
         if isinstance(network, nn.Module):
@@ -359,8 +358,7 @@ class Engine:
         if mode == "compiled":
             if not isinstance(network, TorchNetwork):
                 raise ValueError("the compiled forward needs a PyTorch network")
-            scratch = self._scratch_batch if compile_in_background else None
-            self.compiled = CompiledStep(self._step, row_buckets, stream_buckets, scratch=scratch)
+            self.compiled = CompiledStep(self._step, row_buckets, stream_buckets)
         on, off = (torch.tensor(v, device=self.device) for v in (True, False))
         self._commit_flags = {True: on, False: off}
 
@@ -585,19 +583,14 @@ class Engine:
     ) -> None:
         """Compile the forward of one group of ``(images, streams)`` per layout, at start-up.
 
-        Compiling in the background, this schedules the layouts and returns (``wait_compiled``
-        waits for them); otherwise it runs a forward of zeros on temporary streams of
-        ``adapter`` (closed afterwards, so no stream changes). ``shape`` is one image's.
-        Nothing to do for an eager engine.
+        Runs a forward of zeros on temporary streams of ``adapter`` (closed afterwards, so no
+        stream changes); ``shape`` is one image's. Nothing to do for an eager engine.
         """
         if self.compiled is None:
             return
         for images, count in layouts:
             if not 1 <= count <= images:
                 raise ValueError(f"a layout of {images} images cannot hold {count} streams")
-            if self.compiled.scratch is not None:
-                self.compiled.pad(shape, [(self.pool_key(adapter, config), True, images, count)])
-                continue
             streams = [self.open_stream(adapter, config, seed=0) for _ in range(count)]
             try:
                 sizes = [images // count + (i < images % count) for i in range(count)]
@@ -606,44 +599,6 @@ class Engine:
             finally:
                 for stream in streams:
                     self.close_stream(stream)
-
-    def wait_compiled(self) -> None:
-        """Block until the layouts compiling in the background are ready (or failed)."""
-        if self.compiled is not None:
-            self.compiled.wait()
-
-    def _scratch_batch(self, layout: tuple) -> tuple[Tensor, list[_Group], Tensor]:
-        """A batch of zeros in a compiled ``layout`` on scratch pools of the same structures,
-        not committed: what a compilation in the background runs, leaving every stream alone."""
-        shape, sizes = layout
-        groups, start = [], 0
-        for (name, structure), adapt, rows, streams in sizes:
-            spec = get_adapter(name)
-            config = spec.config.model_validate(dict(structure))
-            # Made like a real pool: outside inference mode (the compiled graph's guards check
-            # it), with at least INITIAL_SLOTS slots (a dimension of 1 would be a constant).
-            with torch.inference_mode(False):
-                pool = StatePool(spec, config, self.sources, self.num_classes, max(4, streams))
-                slots = [pool.allocate(config, seed=0) for _ in range(streams)]
-            counts = [rows // streams + (i < rows % streams) for i in range(streams)]
-            segment = [i for i, count in enumerate(counts) for _ in range(count)]
-            groups.append(
-                _Group(
-                    adapter=spec,
-                    pool=pool,
-                    start=start,
-                    stop=start + rows,
-                    adapt=adapt,
-                    slots=self._to_device(slots, torch.int64),
-                    segment=self._to_device(segment, torch.int64),
-                    images=self._to_device([float(c) for c in counts], torch.float64),
-                    valid=self._to_device([True] * rows, torch.bool),
-                    source=self._to_device(list(range(streams)), torch.int64),
-                )
-            )
-            start += rows
-        x = torch.zeros((start, *shape), device=self.device)
-        return x, groups, self._commit_flags[False]
 
     def _run(
         self,
@@ -928,8 +883,7 @@ class _CapturedForward:
                 engine._run(self.x, self.plan, commit=False)  # warm-up
         torch.cuda.current_stream(engine.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: a layout compiling in the background may use the GPU meanwhile
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph):
             self.logits, self.problems, _ = engine._run(self.x, self.plan, commit=True)
 
     def replay(self, x: Tensor, plan: _Plan) -> tuple[Tensor, Tensor]:

@@ -20,17 +20,10 @@ from engine.network import NormLayer, Statistics, normalize
 
 
 class ActiveBatch:
-    """The batch in progress of one network (None outside a forward).
-
-    ``traced`` is the batch of a forward being compiled: compilation may run on a thread of its
-    own (engine/compiled.py) while the engine thread runs eager forwards, which use ``batch``;
-    the traced forward sets ``traced`` before any read (so its graph neither sees nor guards on
-    the other thread's batch) and its replayed writes touch only ``traced``.
-    """
+    """The batch in progress of one network (None outside a forward)."""
 
     def __init__(self) -> None:
         self.batch: Statistics | None = None
-        self.traced: Statistics | None = None
 
 
 class StreamNorm2d(nn.Module):
@@ -63,7 +56,7 @@ class StreamNorm2d(nn.Module):
         return NormLayer(name, source, self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch = self.active.traced if torch.compiler.is_dynamo_compiling() else self.active.batch
+        batch = self.active.batch
         if batch is None:
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
@@ -114,12 +107,6 @@ class TorchNetwork:
 
     def forward(self, x: Tensor, batch: Statistics | None) -> Tensor:
         """The model's forward, its norm layers asking ``batch`` (None: source statistics)."""
-        if torch.compiler.is_dynamo_compiling():
-            self.active.traced = batch
-            try:
-                return self.model(x)
-            finally:
-                self.active.traced = None
         previous, self.active.batch = self.active.batch, batch
         try:
             return self.model(x)

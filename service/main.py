@@ -227,7 +227,6 @@ async def _start(state: AppState, store: StateStore) -> None:
                     settings.compile_warmup,
                     settings.default_adapter,
                     settings.default_adapter_config,
-                    settings.compile_in_background,
                 ),
                 max_state_bytes=settings.max_state_bytes,
                 max_state_header_bytes=settings.max_state_header_bytes,

@@ -520,8 +520,8 @@ class Metrics:
         )
         self.compiled_layouts = Gauge(
             "compiled_layouts",
-            "Batch layouts of a model's compiled forward, by state (ready, compiling, failed)",
-            ["model", "state"],
+            "Batch layouts a model's compiled forward has compiled (engine_mode compiled)",
+            ["model"],
             namespace=NAMESPACE,
             registry=registry,
         )

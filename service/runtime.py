@@ -18,7 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from engine.compiled import DEFAULT_BUCKETS, CompiledStep, compiled_is_faster
+from engine.compiled import DEFAULT_BUCKETS, compiled_is_faster
 from engine.core import Engine
 from engine.network import Network
 from models import (
@@ -49,7 +49,6 @@ class CompileOptions:
     warmup: Sequence[tuple[int, int]] = ()
     adapter: str = "adabn"  # the adapter the warm-up compiles for, with its config
     config: dict[str, Any] = field(default_factory=dict)
-    background: bool = True  # new layouts compile on a thread while they run eagerly
 
     def compiled(self, device: torch.device) -> bool:
         """Whether to compile on ``device``."""
@@ -174,15 +173,13 @@ def load_runtime(
         mode="compiled" if compiled else "eager",
         row_buckets=compile.row_buckets,
         stream_buckets=compile.stream_buckets,
-        compile_in_background=compile.background,
     )
     if compiled and compile.warmup:
         logger.info("compiling %s for layouts %s", spec.name, list(compile.warmup))
         engine.warm_up(compile.adapter, compile.config, compile.warmup, (3, *spec.input_size))
-    for state in ("ready", "compiling", "failed"):  # 0 for an eager engine
-        gauge = metrics.compiled_layouts.labels(spec.name, state)
-        if engine.compiled is not None:
-            gauge.set_function(functools.partial(_layouts, engine.compiled, state))
+    layouts = metrics.compiled_layouts.labels(spec.name)  # 0 for an eager engine
+    if engine.compiled is not None:
+        layouts.set_function(functools.partial(len, engine.compiled.variants))
     metrics.state_memory_limit.labels(spec.name).set(max_state_bytes)
     metrics.model_info.labels(
         spec.name,
@@ -256,8 +253,3 @@ def load_onnx_model(entry: OnnxModel, device: torch.device) -> tuple[Network, Mo
     except ValueError as error:
         raise IncompatibleModelError(str(error)) from None
     return network, spec
-
-
-def _layouts(step: CompiledStep, state: str) -> float:
-    """The compiled forward's layouts in ``state`` (a gauge read at scrape time)."""
-    return step.counts()[state]

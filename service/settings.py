@@ -179,14 +179,6 @@ class Settings(BaseSettings):
             "(each takes seconds to minutes on a CPU); other layouts compile on first use"
         ),
     )
-    compile_in_background: bool = Field(
-        default=True,
-        description=(
-            "compiled: compile new layouts (and the warm-up) on a thread of their own while "
-            "they run eagerly, so no request waits for a compilation; false: the first batch "
-            "of a layout, and start-up, wait for it"
-        ),
-    )
     model_cache_dir: Path = Field(
         default=Path("~/.cache/tta-serve/models"), description="weights cache (seed it offline)"
     )

@@ -10,11 +10,6 @@ import pytest
 
 from bench.data import load_cifar10
 
-# Servers started by the tests (in process or as subprocesses, which inherit this) run the eager
-# forward unless a test asks for the compiled one: on the CPU the default (auto) compiles each
-# batch layout in the background, tens of seconds of both cores per layout.
-os.environ.setdefault("TTA_ENGINE_MODE", "eager")
-
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:

@@ -116,45 +116,6 @@ def test_compiled_matches_eager_with_padded_rows_and_streams() -> None:
     assert compiled.compiled.variants == {(shape, ((("adabn", ()), True, 8, 4),))}
 
 
-@COMPILES
-def test_a_new_layout_runs_eagerly_while_it_compiles_in_the_background() -> None:
-    """With compile_in_background the first batch of a layout runs eagerly (no stall) while a
-    thread compiles the layout on scratch pools; once ready, the next batch runs compiled
-    without recompiling, and every call equals the eager engine's."""
-    net = two_layer_net()
-    eager = Engine(net, num_classes=3)
-    engine = Engine(
-        net,
-        num_classes=3,
-        mode="compiled",
-        row_buckets=[4],
-        stream_buckets=[2],
-        compile_in_background=True,
-    )
-    assert engine.compiled is not None
-    pairs = [
-        (eager.open_stream("adabn", seed=i), engine.open_stream("adabn", seed=i)) for i in range(2)
-    ]
-    compiled_calls = []
-    step = engine.compiled.compiled
-    engine.compiled.compiled = lambda *args: compiled_calls.append(1) or step(*args)
-
-    def call(x: Tensor) -> None:
-        want = eager.forward(x, [(pairs[0][0], 1), (pairs[1][0], 2)])
-        got = engine.forward(x, [(pairs[0][1], 1), (pairs[1][1], 2)])
-        torch.testing.assert_close(got.logits, want.logits, **TOLERANCE)
-        assert got.refusals() == want.refusals() == [None, None]
-        assert_same_states(eager, engine, pairs)
-
-    call(images(3, 0, shift=0.5))  # schedules the layout, runs eagerly
-    engine.wait_compiled()
-    assert len(engine.compiled.ready) == 1
-    compiled_calls.clear()  # the background compilation's own scratch call
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        call(images(3, 1, shift=-0.2))
-    assert compiled_calls == [1]
-
-
 def test_a_batch_outside_the_buckets_runs_eagerly() -> None:
     """Too many images for the largest bucket: the eager step, same results, nothing compiled."""
     net = two_layer_net()

@@ -342,7 +342,7 @@ def test_best_everywhere_meets_within_two_points_and_never_worse() -> None:
         dirichlet={"source": 60.0, "a": 50.0, "b": 45.0},
     )
     text = "\n".join(render_best_everywhere(results))
-    assert "| b | +1.9 | +0.0 | met |" in text
+    assert "| b | +1.9 | +0.0 | met in the 2 of 5 protocols measured |" in text
     assert "| a | +0.0 | +5.0 | missed |" in text
 
 

@@ -525,7 +525,9 @@ class Table:
     majority: float = math.nan  # mean share of a batch's most frequent class
 
     def mean(self, label: str) -> float:
-        """Mean error over the corruptions."""
+        """Mean error over the corruptions (NaN for a variant this run did not measure)."""
+        if label not in self.errors:
+            return math.nan
         return float(np.nanmean(self.errors[label]))
 
 

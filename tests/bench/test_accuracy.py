@@ -358,6 +358,14 @@ def test_parallel_runs_sharing_a_cells_file_keep_each_others_results(tmp_path: P
     assert reread.errors("s|single", "adabn") == {"fog": 50.0}
 
 
+def test_a_run_without_source_reports_its_candidates_without_failing() -> None:
+    """A resumed piece of the matrix may run only some variants: no gap to source, no error."""
+    results = _results(iid64={"momentum": 38.3, "adabn(prior_images=64)": 37.0})
+    (candidate,) = score_candidates(results, ["adabn(prior_images=64)"])
+    assert candidate.means == {"iid64": 37.0}
+    assert math.isnan(candidate.gaps["iid64"])
+
+
 def test_variant_labels_are_unique() -> None:
     labels = [v.label for v in (*MAIN_VARIANTS, *CANDIDATES)]
     assert len(labels) == len(set(labels))

@@ -151,9 +151,11 @@ def test_ttl_expiry(tmp_path: Path, model_cache: Path) -> None:
         client.post("/v1/streams", json={"id": "brief", "ttl_seconds": 0.3})
         client.post("/v1/streams", json={"id": "lasting"})
         deadline = time.monotonic() + 5
-        while client.get("/v1/streams/brief").status_code == 200:
+        # the expiry counts once the store confirms the deletion; the stream 404s from its start
+        while counter(client, "tta_streams_expired") < 1:
             assert time.monotonic() < deadline, "the stream did not expire"
             time.sleep(0.2)
+        assert client.get("/v1/streams/brief").status_code == 404
         assert client.get("/v1/streams/lasting").status_code == 200
         assert LocalStore(tmp_path / "streams").get("brief") is None
         assert counter(client, "tta_streams_expired") == 1

@@ -12,7 +12,7 @@ membership matrix is zero, so no sum sees it); a padding stream copies the group
 stream (slot, state, images = 1), and its new state is replaced by that stream's before the
 commit, so duplicate writes to the slot agree. The pools' slot dimension is marked dynamic, so
 a growing pool does not recompile. So the variants are the bucket layouts that occur, at most
-``max_variants`` (a layout beyond that runs the eager step on the padded batch: same results).
+``max_variants`` (a layout beyond that runs the eager step, unpadded: same results).
 
 Compiling a layout takes tens of seconds (a minute on a small CPU), on the batch that first has
 it: warm the expected layouts at start-up. (Compiling on another thread while the engine thread

@@ -19,7 +19,7 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from pydantic import BaseModel
@@ -67,9 +67,9 @@ class _Group:
     start: int
     stop: int
     adapt: bool
-    slots: Tensor
+    slots: Tensor  # [streams] the streams' slots in the pool
     segment: Tensor  # [rows] stream index within the group
-    images: Tensor  # [streams] float64
+    images: Tensor = field(default_factory=lambda: torch.empty(0))  # [streams] float64
     members: Tensor = field(default_factory=lambda: torch.empty(0))  # [streams, rows] one-hot
     indices: list[int] = field(default_factory=list)  # the segments of its streams, in order
     layers: list[State] = field(default_factory=list)
@@ -80,7 +80,7 @@ class _Group:
     pending: dict[int, Moments] = field(default_factory=dict)  # layer -> moments to fold in
     staged: dict[torch.dtype, Tensor] = field(default_factory=dict)  # new rows, packed
     # Bucketed (compiled) batches only: rows and streams padded to a bucket's sizes.
-    valid: Tensor | None = None  # [rows] bool: False for a padding row (in no stream)
+    valid: Tensor | None = None  # [rows] int64: 0 for a padding row (in no stream)
     source: Tensor | None = None  # [streams] int64: the real stream each stream copies
 
 
@@ -91,10 +91,12 @@ class _Plan:
     ``gather`` picks the forward's rows from the caller's (grouped by pool, padded to a bucket:
     padding rows repeat a real image and belong to no stream); ``back`` picks the caller's
     rows from the forward's logits; ``streams`` picks the real streams' rows of the problems.
-    Each is None where it would be the identity.
+    Each is None where it would be the identity. Every index tensor of the plan and its groups
+    is a view of ``packed`` (one copy to the device; a captured graph refreshes them at once).
     """
 
     groups: list[_Group]
+    packed: Tensor
     gather: Tensor | None = None
     back: Tensor | None = None
     streams: Tensor | None = None
@@ -644,11 +646,12 @@ class Engine:
         for group in groups:
             group.layers, group.head, group.hparams = group.pool.gather(group.slots)
             group.broken, group.pending = {}, {}
-            streams = torch.arange(group.images.shape[0], device=group.segment.device)
+            streams = torch.arange(group.slots.shape[0], device=group.segment.device)
             members = streams[:, None] == group.segment[None, :]
             if group.valid is not None:
-                members = members & group.valid[None, :]
+                members = members & (group.valid[None, :] > 0)
             group.members = members.double()
+            group.images = group.members.sum(1).clamp(min=1)  # a padding stream counts one
             group.first = group.members.argmax(1)  # each stream's first row
         with self._autocast():
             logits = self.network.forward(x, batch).float()
@@ -716,7 +719,7 @@ class Engine:
             x.dtype,
             plan.bucket,
             tuple(None if t is None else t.shape for t in (plan.gather, plan.back, plan.streams)),
-            tuple((g.pool.key, g.adapt, g.start, g.stop, g.images.shape[0]) for g in plan.groups),
+            tuple((g.pool.key, g.adapt, g.start, g.stop, g.slots.shape[0]) for g in plan.groups),
         )
         graph = self._graphs.pop(key, None)
         if graph is None:
@@ -751,7 +754,8 @@ class Engine:
         """Group segments by (pool, adapt) into contiguous rows, padded to buckets if compiled.
 
         A batch that fits the buckets (every group's rows and streams) is bucketed; any other
-        runs eagerly, at its own sizes.
+        runs eagerly, at its own sizes. The plan's index tensors are views of one tensor, built
+        on the host and copied to the device at once.
         """
         grouped: dict[tuple[PoolKey, bool], list[tuple[int, StreamHandle, int, int]]] = {}
         start = 0
@@ -769,74 +773,75 @@ class Engine:
                     for (key, flag), members in grouped.items()
                 ],
             )
-        rows: list[int] = []
-        back = [0] * start
-        groups = []
-        for number, ((key, flag), members) in enumerate(grouped.items()):
+        rows: list[int] = []  # the caller's row of each forward row
+        back = [0] * start  # the forward's row of each caller's row
+        streams: list[int] = []  # the forward's stream of each real stream
+        spans: list[tuple[int, int]] = []  # each group's rows
+        lists: list[list[int]] = []  # each group's slots, segment (and valid, source: padded)
+        padded_streams = 0
+        for number, members in enumerate(grouped.values()):
             first = len(rows)
             segment: list[int] = []
             for position, (offset, _, count, _) in enumerate(members):
-                for row in range(offset, offset + count):
-                    back[row] = len(rows)
-                    rows.append(row)
+                back[offset : offset + count] = range(len(rows), len(rows) + count)
+                rows.extend(range(offset, offset + count))
                 segment.extend([position] * count)
             slots = [s.slot for _, s, _, _ in members]
-            images = [float(c) for _, _, c, _ in members]
-            streams = len(members)
-            pool = self.pools[key]
-            group = _Group(
-                adapter=pool.adapter,
-                pool=pool,
-                start=first,
-                stop=len(rows),
-                adapt=flag,
-                slots=self._to_device(slots, torch.int64),
-                segment=self._to_device(segment, torch.int64),
-                images=self._to_device(images, torch.float64),
-                indices=[i for _, _, _, i in members],
-            )
-            if padded is not None:
+            if padded is None:
+                lists += [slots, segment]
+            else:
                 group_rows, group_streams = padded[number]
-                extra_rows = group_rows - (len(rows) - first)
-                extra = group_streams - streams
-                valid = [True] * (len(rows) - first) + [False] * extra_rows
+                extra_rows, extra = group_rows - len(segment), group_streams - len(slots)
                 rows.extend([rows[first]] * extra_rows)  # a real image, in no stream
-                segment.extend([0] * extra_rows)
+                streams.extend(range(padded_streams, padded_streams + len(slots)))
+                padded_streams += group_streams
                 # Padding streams copy the last real stream: same slot, same state, same
                 # committed values, so the duplicate writes agree.
-                group = dataclasses.replace(
-                    group,
-                    stop=len(rows),
-                    slots=self._to_device(slots + [slots[-1]] * extra, torch.int64),
-                    segment=self._to_device(segment, torch.int64),
-                    images=self._to_device(images + [1.0] * extra, torch.float64),
-                    valid=self._to_device(valid, torch.bool),
-                    source=self._to_device(
-                        list(range(streams)) + [streams - 1] * extra, torch.int64
-                    ),
+                lists += [
+                    slots + [slots[-1]] * extra,
+                    segment + [0] * extra_rows,
+                    [1] * len(segment) + [0] * extra_rows,  # valid: 0 for a padding row
+                    [*range(len(slots)), *[len(slots) - 1] * extra],  # source: the copied stream
+                ]
+            spans.append((first, len(rows)))
+        if padded is None and rows == list(range(len(rows))):
+            plan_lists = []  # gather and back are the identity
+        else:
+            plan_lists = [rows, back] + ([] if padded is None else [streams])
+        packed, views = self._pack(lists + plan_lists)
+        per_group = len(lists) // len(spans)
+        groups = []
+        for number, ((key, flag), members) in enumerate(grouped.items()):
+            pool = self.pools[key]
+            own = views[number * per_group : (number + 1) * per_group]
+            valid, source = (None, None) if padded is None else own[2:]
+            groups.append(
+                _Group(
+                    adapter=pool.adapter,
+                    pool=pool,
+                    start=spans[number][0],
+                    stop=spans[number][1],
+                    adapt=flag,
+                    slots=own[0],
+                    segment=own[1],
+                    valid=valid,
+                    source=source,
+                    indices=[i for _, _, _, i in members],
                 )
-            groups.append(group)
-        if padded is None:
-            if rows == list(range(len(rows))):
-                return _Plan(groups)
-            order = self._to_device(rows, torch.int64)
-            return _Plan(groups, order, self._to_device(back, torch.int64))
-        offsets, offset = [], 0
-        for group in groups:
-            offsets.append(offset)
-            offset += group.images.shape[0]
-        streams_rows = [
-            offsets[g] + s for g, group in enumerate(groups) for s in range(len(group.indices))
-        ]
-        return _Plan(
-            groups,
-            gather=self._to_device(rows, torch.int64),
-            back=self._to_device(back, torch.int64),
-            streams=self._to_device(streams_rows, torch.int64),
-            bucket=tuple(
-                (g.pool.key, g.adapt, g.stop - g.start, g.images.shape[0]) for g in groups
-            ),
-        )
+            )
+        plan = _Plan(groups, packed)
+        if plan_lists:
+            gather, back_rows = views[len(lists) : len(lists) + 2]
+            plan = dataclasses.replace(plan, gather=gather, back=back_rows)
+        if padded is not None:
+            layout = [(g.pool.key, g.adapt, g.stop - g.start, g.slots.shape[0]) for g in groups]
+            plan = dataclasses.replace(plan, streams=views[-1], bucket=tuple(layout))
+        return plan
+
+    def _pack(self, lists: list[list[int]]) -> tuple[Tensor, list[Tensor]]:
+        """Host index lists as views of one int64 device tensor (one copy to the device)."""
+        packed = self._to_device([value for values in lists for value in values], torch.int64)
+        return packed, list(packed.split([len(values) for values in lists]))
 
     def _to_device(self, values: list, dtype: torch.dtype) -> Tensor:
         """A small host list as a device tensor, without a blocking copy on CUDA."""
@@ -889,37 +894,40 @@ class _CapturedForward:
     def replay(self, x: Tensor, plan: _Plan) -> tuple[Tensor, Tensor]:
         """Copy this batch into the static inputs, replay, and return copies of the outputs."""
         self.x.copy_(x, non_blocking=True)
-        for static, value in zip(_tensors(self.plan), _tensors(plan), strict=True):
-            static.copy_(value, non_blocking=True)
+        self.plan.packed.copy_(plan.packed, non_blocking=True)
         self.graph.replay()
         return self.logits.clone(), self.problems.clone()
 
 
-GROUP_INPUTS = ("slots", "segment", "images", "valid", "source")
-
-
 def _static_copy(plan: _Plan) -> _Plan:
-    """The plan with its own copies of every per-batch tensor (a captured graph's inputs)."""
+    """The plan with its own copy of its index tensors (a captured graph's inputs)."""
+    packed = plan.packed.clone()
     groups = [
         dataclasses.replace(
             g,
-            **{
-                name: getattr(g, name).clone()
-                for name in GROUP_INPUTS
-                if getattr(g, name) is not None
-            },
+            slots=_view_of(packed, g.slots),
+            segment=_view_of(packed, g.segment),
+            valid=_view_of(packed, g.valid),
+            source=_view_of(packed, g.source),
         )
         for g in plan.groups
     ]
-    copies = [None if t is None else t.clone() for t in (plan.gather, plan.back, plan.streams)]
     return dataclasses.replace(
-        plan, groups=groups, gather=copies[0], back=copies[1], streams=copies[2]
+        plan,
+        groups=groups,
+        packed=packed,
+        gather=_view_of(packed, plan.gather),
+        back=_view_of(packed, plan.back),
+        streams=_view_of(packed, plan.streams),
     )
 
 
-def _tensors(plan: _Plan) -> list[Tensor]:
-    """The plan's per-batch tensors, in a fixed order."""
-    found = [t for t in (plan.gather, plan.back, plan.streams) if t is not None]
-    for group in plan.groups:
-        found.extend(getattr(group, n) for n in GROUP_INPUTS if getattr(group, n) is not None)
-    return found
+@overload
+def _view_of(packed: Tensor, view: Tensor) -> Tensor: ...
+@overload
+def _view_of(packed: Tensor, view: None) -> None: ...
+def _view_of(packed: Tensor, view: Tensor | None) -> Tensor | None:
+    """The view of ``packed`` that ``view`` is of the tensor ``packed`` copies."""
+    if view is None:
+        return None
+    return packed.as_strided(view.shape, view.stride(), view.storage_offset())

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from adapters import ADAPTERS
 from engine import Engine, StreamHandle
 from engine.compiled import CompiledStep
+from engine.core import _static_copy
 from tests.adapters.conftest import images, tiny_net
 
 NAMES = sorted(ADAPTERS)
@@ -132,6 +133,53 @@ def test_buckets_pad_to_the_smallest_that_fits() -> None:
     assert step.pad(SHAPE, [("p", True, 16, 9)]) is None  # beyond the largest stream bucket
     with pytest.raises(ValueError, match="positive"):
         CompiledStep(lambda *args: args, row_buckets=[0])
+
+
+def test_a_padded_plan_and_its_captured_copy() -> None:
+    """Two pools interleaved, padded to 4 rows x 2 streams: the plan's index tensors (views of
+    one tensor), and a captured graph's static copy refreshed by copying that one tensor."""
+    net = two_layer_net()
+    engine = Engine(net, num_classes=3, mode="compiled", row_buckets=[4], stream_buckets=[2])
+    a, b, c = (engine.open_stream(n) for n in ("adabn", "alpha_bn", "adabn"))
+    plan = engine._plan([(a, 2), (b, 1), (c, 1)], [True] * 3, SHAPE)
+    first, second = plan.groups
+    values = {
+        "slots": [a.slot, c.slot],
+        "segment": [0, 0, 1, 0],
+        "valid": [1, 1, 1, 0],  # one padding row
+        "source": [0, 1],
+    }
+    assert {k: getattr(first, k).tolist() for k in values} == values
+    assert second.slots.tolist() == [b.slot, b.slot]  # a padding stream copies the real one
+    assert second.valid is not None and second.valid.tolist() == [1, 0, 0, 0]
+    assert plan.gather is not None and plan.gather.tolist() == [0, 1, 3, 0, 2, 2, 2, 2]
+    assert plan.back is not None and plan.back.tolist() == [0, 1, 4, 2]
+    assert plan.streams is not None and plan.streams.tolist() == [0, 1, 2]
+    lone = engine._plan([(a, 1), (b, 1)], [True] * 2, SHAPE).streams  # each stream padded to 2
+    assert lone is not None and lone.tolist() == [0, 2]
+    assert plan.bucket == ((a.pool, True, 4, 2), (b.pool, True, 4, 2))
+    for view in (first.slots, first.segment, second.source, plan.gather, plan.back):
+        assert view is not None and view.untyped_storage() is plan.packed.untyped_storage()
+
+    static = _static_copy(plan)
+    other = engine._plan([(c, 2), (b, 1), (a, 1)], [True] * 3, SHAPE)
+    static.packed.copy_(other.packed)
+    for mine, theirs in zip(static.groups, other.groups, strict=True):
+        for key in values:
+            assert torch.equal(getattr(mine, key), getattr(theirs, key))
+    for key in ("gather", "back", "streams"):
+        assert torch.equal(getattr(static, key), getattr(other, key))
+    assert static.packed.data_ptr() != plan.packed.data_ptr()
+
+
+def test_an_eager_plan_in_caller_order_has_no_gather() -> None:
+    """One pool, streams in order: gather and back are the identity and left out."""
+    engine = Engine(two_layer_net(), num_classes=3)
+    a, b = engine.open_stream("adabn"), engine.open_stream("adabn")
+    plan = engine._plan([(a, 2), (b, 1)], [True, True], SHAPE)
+    assert plan.gather is None and plan.back is None and plan.bucket is None
+    assert plan.groups[0].segment.tolist() == [0, 0, 1]
+    assert plan.packed.tolist() == [a.slot, b.slot, 0, 0, 1]
 
 
 def test_variants_are_bounded() -> None:

@@ -625,7 +625,9 @@ class Engine:
             logits, problems = self._step(torch.cat([x, extra]), plan.groups, commit, count)
             logits, source_logits = logits[:-count], logits[-count:]
         elif plan.bucket is not None and self.compiled is not None:
-            logits, problems = self.compiled(x, plan.groups, self._commit_flags[bool(commit)])
+            layout = (tuple(x.shape[1:]), plan.bucket)
+            flag = self._commit_flags[bool(commit)]
+            logits, problems = self.compiled(x, plan.groups, flag, layout)
         else:
             logits, problems = self._step(x, plan.groups, commit)
         if plan.back is not None:

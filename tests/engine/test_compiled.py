@@ -209,7 +209,9 @@ def test_every_adapter_matches_eager(name: str) -> None:
 @COMPILES
 def test_a_mixed_batch_of_every_adapter_matches_eager() -> None:
     """Every adapter in one forward (two of them not adapting), one stream refused for a NaN
-    image, the others committed; then a pool grows without a recompile."""
+    image, the others committed, alternating with a layout of one stream (a known layout skips
+    the guards that do not tell the variants apart: each call must still pick its own); then a
+    pool grows without a recompile."""
     net = tiny_net()
     streams = [(name, {}) for name in NAMES for _ in range(2)]  # 2 per pool; pools start at 4
     counts = [1, 2] * len(NAMES)
@@ -218,7 +220,14 @@ def test_a_mixed_batch_of_every_adapter_matches_eager() -> None:
     broken[4, 0, 0, 0] = float("nan")  # the second stream of NAMES[1]
     # The last two adapters' streams are normalised without being adapted.
     adapt = [name not in NAMES[-2:] for name, _ in streams]
-    calls = [(counts, adapt, x), (counts, adapt, broken)]
+    solo = [1] + [0] * (len(streams) - 1)  # the first stream alone: another layout
+    calls = [
+        (counts, adapt, x),
+        (solo, adapt, images(1, 1)),
+        (counts, adapt, broken),
+        (solo, adapt, images(1, 2)),
+        (counts, adapt, x),
+    ]
     compiled = check_calls(net, streams, calls, row_buckets=[4], stream_buckets=[2])
     more = [compiled.open_stream("adabn") for _ in range(2)]  # 4 adabn streams: pool full
     x = images(2, 3)

@@ -376,7 +376,7 @@ class Engine:
     ) -> StreamHandle:
         """Give a new stream a slot with a fresh state; ``config`` is validated by the adapter."""
         spec = get_adapter(adapter)
-        config = _validate(spec, config)
+        config = self.validate_config(spec, config)
         if seed is None:
             seed = getattr(config, "seed", None)
         if seed is None:
@@ -399,10 +399,22 @@ class Engine:
                 self._drop_pool(key)
         return StreamHandle(spec.name, config, seed, key, slot)
 
+    def validate_config(self, adapter: Adapter, config: BaseModel | dict | None) -> BaseModel:
+        """``config`` checked by the adapter's model, against this model where it depends on it.
+
+        The validation context carries ``num_classes``: a field that must match the model's
+        logits (balanced statistics' ``classes``) defaults to it and is refused otherwise.
+        Raises pydantic's ValidationError (the service answers 422).
+        """
+        if isinstance(config, BaseModel):
+            config = config.model_dump()
+        context = {"num_classes": self.num_classes}
+        return adapter.config.model_validate(config or {}, context=context)
+
     def pool_key(self, adapter: str, config: BaseModel | dict | None = None) -> PoolKey:
         """The pool a stream of this adapter and config lives in (its state's structure)."""
         spec = get_adapter(adapter)
-        return _pool_key(spec, _validate(spec, config))
+        return _pool_key(spec, self.validate_config(spec, config))
 
     def close_stream(self, stream: StreamHandle) -> None:
         """Free the stream's slot, and its pool's memory once the pool is empty."""
@@ -499,7 +511,7 @@ class Engine:
         tensors as the stream's state has.
         """
         spec = get_adapter(adapter)
-        config = _validate(spec, config)
+        config = self.validate_config(spec, config)
         layout = self._layout(spec, config)
         identity = self._identity(spec.name, config)
         tensors, metadata = read_state(
@@ -675,10 +687,10 @@ class Engine:
         """
         if not group.pending:
             return
-        labels = logits.argmax(1)
+        confidence, labels = logits.softmax(1).max(1)
         for index, moments in group.pending.items():
             state = group.layers[index]
-            labelled = dataclasses.replace(moments, labels=labels)
+            labelled = dataclasses.replace(moments, labels=labels, confidence=confidence)
             new = group.adapter.update(state, labelled, self.layers[index].source, group.hparams)
             group.layers[index] = {**state, **new}
 
@@ -851,14 +863,6 @@ class Engine:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
-
-
-def _validate(adapter: Adapter, config: BaseModel | dict | None) -> BaseModel:
-    if isinstance(config, adapter.config):
-        return config
-    if isinstance(config, BaseModel):
-        config = config.model_dump()
-    return adapter.config.model_validate(config or {})
 
 
 def _pool_key(adapter: Adapter, config: BaseModel) -> PoolKey:

@@ -931,7 +931,7 @@ class StreamRegistry(Generic[R]):
         budget = max_state_bytes - state_bytes if max_state_bytes else None
         runtime = self.runtime(model)
         spec = get_adapter(adapter)
-        validated = spec.config.model_validate(config or {})
+        validated = runtime.engine.validate_config(spec, config)
         options = dict(options or {})
         if options.get("snapshots", 0) > self.limits.max_snapshots:
             raise InvalidConfigError(

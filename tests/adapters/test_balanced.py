@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from pydantic import ValidationError
 
 from engine.core import Engine
 from tests.adapters.test_oracles import layer_input, layer_output, one_layer
@@ -61,6 +63,27 @@ def test_normalise_then_update_with_the_forwards_own_predictions() -> None:
     assert len(seen) > 1  # the test covers several classes
 
 
+def test_min_confidence_folds_in_only_confident_predictions() -> None:
+    """An image whose predicted class has a softmax probability below ``min_confidence`` is
+    folded into no class; a confident one into its class, as without the threshold."""
+    engine = Engine(one_layer(CHANNELS), num_classes=CLASSES)
+    x = layer_input(2, 0, shift=0.5)
+    probe = engine.open_stream("balanced", FAITHFUL)  # the first batch is normalised with the
+    logits = layer_output(engine, x, probe, adapt=False).flatten(1)  # source, whatever the config
+    confidence, labels = logits.softmax(1).max(1)
+    assert labels[0] != labels[1] and confidence[0] != confidence[1]
+    threshold = confidence.mean().item()
+    sure = int(confidence.argmax())
+    stream = engine.open_stream("balanced", {**FAITHFUL, "min_confidence": threshold})
+    layer_output(engine, x, stream)
+    n = engine.pool_of(stream).layers[0]["n"][stream.slot]
+    assert n[labels[sure]].item() == SIZE * SIZE
+    assert n.sum().item() == SIZE * SIZE  # the other image: no class
+    everything = engine.open_stream("balanced", FAITHFUL)
+    layer_output(engine, x, everything)
+    assert engine.pool_of(everything).layers[0]["n"][everything.slot].sum().item() == 2 * SIZE**2
+
+
 def test_class_frequencies_do_not_move_the_statistics() -> None:
     """Three times as many images of some classes give the same statistics (AdaBN's move)."""
     probe = layer_input(4, 9, shift=0.3)
@@ -92,17 +115,28 @@ def test_prior_and_window_per_class() -> None:
 
 
 def test_single_class_is_adabn_one_batch_late() -> None:
-    """With K = 1 the balanced statistic is the stream's pooled statistic (AdaBN) of the
-    batches before the current one, at N = 1 included (between-image variance kept)."""
-    net = one_layer(CHANNELS)
-    engine = Engine(net, num_classes=CLASSES)
-    balanced = engine.open_stream("balanced", {"classes": 1, "prior_images": 0, "window": 1e9})
+    """With K = 1 (a one-logit model) the balanced statistic is the stream's pooled statistic
+    (AdaBN) of the batches before the current one, at N = 1 included (between-image variance
+    kept). The logit is a random linear map of the normalised layer: equal logits, equal
+    normalisation."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*one_layer(CHANNELS), torch.nn.Linear(CLASSES, 1)).eval()
+    engine = Engine(net, num_classes=1)
+    balanced = engine.open_stream("balanced", {"prior_images": 0, "window": 1e9})
+    assert balanced.config.classes == 1  # the model's
     adabn = engine.open_stream("adabn")
-    previous = None
     for step in range(4):
         x = layer_input(1, step, shift=0.5 * step)
-        out = layer_output(engine, x, balanced)
-        if previous is not None:
-            torch.testing.assert_close(out, layer_output(engine, x, adabn, adapt=False))
-        layer_output(engine, x, adabn)
-        previous = x
+        out = engine.forward(x, [(balanced, 1)]).logits
+        if step:
+            torch.testing.assert_close(out, engine.forward(x, [(adabn, 1)], adapt=False).logits)
+        engine.forward(x, [(adabn, 1)])
+
+
+def test_classes_are_the_models() -> None:
+    """K defaults to the model's number of classes; another K is refused (labels beyond it
+    would be folded into the wrong class)."""
+    engine = Engine(one_layer(CHANNELS), num_classes=CLASSES)
+    assert engine.open_stream("balanced").config.classes == CLASSES
+    with pytest.raises(ValidationError, match=f"the model has {CLASSES} classes"):
+        engine.open_stream("balanced", {"classes": 10})

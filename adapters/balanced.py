@@ -26,19 +26,12 @@ paper's fixed-momentum EMA (named deviations):
 - ``prior_images`` (per class): Schneider et al.'s source prior, mixed linearly with weight
   n / (n + n0 L) on the class's target estimate; a class not predicted yet is the source.
 The paper's class-agnostic blend (gamma, for many classes) is not implemented.
-
-``min_confidence`` (an extension, not in the paper; 0 = the paper): only the images whose
-predicted class has at least this softmax probability are folded in. On a label-correlated
-stream the images of the class being shown that are predicted as other classes are folded into
-those classes, first of all into classes not seen yet; with a long window that pollution stays,
-and the mixture leans towards the class being shown, as AdaBN's statistics do. The images
-predicted wrongly are mostly the unconfident ones.
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor
 
 from adapters.base import NONNEGATIVE, Adapter, HParams, Moments, SourceStats, State, linear_mix
@@ -50,7 +43,11 @@ class BalancedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     classes: int | None = Field(
-        None, ge=1, le=100_000, description="classes K of the model's logits (None: the model's)"
+        None,
+        ge=1,
+        le=100_000,
+        validate_default=True,
+        description="classes K of the model's logits (None: the model's)",
     )
     prior_images: float = Field(
         8.0, ge=0, le=1e9, description="source prior strength per class n0, in images"
@@ -58,19 +55,17 @@ class BalancedConfig(BaseModel):
     window: float = Field(
         200.0, ge=1, le=1e9, description="images each class remembers (an EMA beyond)"
     )
-    min_confidence: float = Field(
-        0.0, ge=0, le=1, description="fold in only images predicted with this probability"
-    )
 
-    @model_validator(mode="after")
-    def _the_models_classes(self, info: ValidationInfo) -> BalancedConfig:
-        """K is the model's number of classes (given by the engine as validation context)."""
+    @field_validator("classes")
+    @classmethod
+    def _the_models(cls, classes: int | None, info: ValidationInfo) -> int | None:
+        """K is the model's number of classes (the engine gives it as validation context)."""
         model = (info.context or {}).get("num_classes")
-        if model is not None and self.classes is None:
-            self.classes = model
-        elif model is not None and self.classes != model:
-            raise ValueError(f"classes is {self.classes}, but the model has {model} classes")
-        return self
+        if model is None or classes == model:
+            return classes
+        if classes is None:
+            return model
+        raise ValueError(f"the model has {model} classes, not {classes}")
 
 
 def init_state(source: SourceStats, config: BalancedConfig, generator: torch.Generator) -> State:
@@ -89,8 +84,6 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
         raise ValueError("balanced statistics need the forward's predicted classes")
     classes = state["n"].shape[-1]
     onehot = torch.nn.functional.one_hot(moments.labels.clamp(max=classes - 1), classes).double()
-    if moments.confidence is not None:  # an unconfident image is folded into no class
-        onehot = onehot * (moments.confidence >= hp["min_confidence"][moments.segment])[:, None]
     pixels = moments.pixels
     sample_mean = moments.sample_mean.double()
     # per (stream, class): images, mean, and spread around that mean (law of total variance)

@@ -12,8 +12,7 @@ stream dimension S (every stream of a batch at once, each with its own hyperpara
 ``update_first`` says whether a batch is folded into the state before it is normalised
 ("update, then normalise": AdaBN, momentum) or after (UnMix-TNS), ALGORITHMS.md section 1.1.
 ``pseudo_labels`` adapters (class-balanced statistics) are updated after the whole forward, with
-each image's predicted class in ``moments.labels`` and its softmax probability in
-``moments.confidence``.
+each image's predicted class in ``moments.labels``.
 """
 
 from __future__ import annotations
@@ -85,7 +84,6 @@ class Moments:
     var: Tensor  # [S, C] float64
     members: Tensor  # [S, N] float64 one-hot: members[s, n] = 1 if image n is in stream s
     labels: Tensor | None = None  # [N] int64 predicted classes, for ``pseudo_labels`` adapters
-    confidence: Tensor | None = None  # [N] softmax probability of each predicted class
 
     def segment_sum(self, values: Tensor) -> Tensor:
         """Sum ``values`` [N, ...] over each stream's images: [S, ...]."""

@@ -115,6 +115,8 @@ CANDIDATES = (
     variant("adabn", prior_images=64),
     variant("adabn", prior_images=64, window=512),
     variant("momentum", batch_ref=64),
+    variant("balanced", window=1000.0),
+    variant("balanced", window=4000.0),
 )
 
 

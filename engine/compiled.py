@@ -109,12 +109,12 @@ class CompiledStep:
     ) -> tuple[Tensor, Tensor]:
         """The compiled step on a batch padded by :meth:`pad` to ``layout``.
 
-        A layout that ran before evaluates only the guards that tell the compiled variants apart
-        (``skip_guard_eval_unsafe``): at batch 1 the full guard set (every weight, source
-        statistic, pool buffer and hparam tensor: ~1,000 checks) cost 0.2 ms of a 2.4 ms forward
-        on the CPU. What those guards check holds by construction for a known layout: the same
-        network, pools (slot dimension dynamic) and adapters; the layout, dtype and device are
-        this key. A new layout runs with every guard, so dynamo compiles it.
+        A layout that ran before, on pools that have not changed since (:meth:`forget`),
+        evaluates only the guards that tell the compiled variants apart
+        (``skip_guard_eval_unsafe``): at batch 1 the full set (every weight, source statistic,
+        pool buffer and hparam tensor: ~1,000 checks) cost 0.2 ms of a 2.4 ms forward on the CPU.
+        A new layout, dtype, device or pool runs every guard (dynamo compiles what it must); so
+        does a call that dynamo finds would need a recompile despite that.
         """
         if not getattr(self._configured, "done", False):
             # One code object compiled per layout: dynamo's default limit (8) would fall back.
@@ -128,10 +128,21 @@ class CompiledStep:
         for group in groups:
             mark_pool(group.pool)
         key = (layout, x.dtype, x.device)
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=key in self.ready):
-            result = self.compiled(x, groups, commit)
+        if key in self.ready:
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self.compiled(x, groups, commit)
+            except RuntimeError as error:  # raised before anything ran
+                if "skip_guard_eval_unsafe" not in str(error):
+                    raise
+                log.info("layout %s needs its guards checked again", layout)
+        result = self.compiled(x, groups, commit)
         self.ready.add(key)
         return result
+
+    def forget(self, pool_key: object) -> None:
+        """A pool was replaced or reallocated: check every guard of its layouts again once."""
+        self.ready = {key for key in self.ready if all(g[0] != pool_key for g in key[0][1])}
 
 
 def compiled_is_faster(device_type: str) -> bool:

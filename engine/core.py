@@ -394,7 +394,7 @@ class Engine:
             slot = pool.allocate(config, seed)
         finally:
             if pool.capacity != capacity:
-                self._forget_graphs(key)  # captured graphs hold the pool's old tensors
+                self._pool_changed(key)
             if pool.empty:
                 self._drop_pool(key)
         return StreamHandle(spec.name, config, seed, key, slot)
@@ -425,9 +425,13 @@ class Engine:
 
     def _drop_pool(self, key: PoolKey) -> None:
         self.memory.release(self.pools.pop(key).nbytes)
-        self._forget_graphs(key)
+        self._pool_changed(key)
 
-    def _forget_graphs(self, key: PoolKey) -> None:
+    def _pool_changed(self, key: PoolKey) -> None:
+        """A pool was reallocated or dropped: captured graphs hold its old tensors, and the
+        compiled step checks its layouts' guards again."""
+        if self.compiled is not None:
+            self.compiled.forget(key)
         stale = [layout for layout in self._graphs if any(g[0] == key for g in layout[3])]
         for layout in stale:
             del self._graphs[layout]
@@ -687,10 +691,10 @@ class Engine:
         """
         if not group.pending:
             return
-        confidence, labels = logits.softmax(1).max(1)
+        labels = logits.argmax(1)
         for index, moments in group.pending.items():
             state = group.layers[index]
-            labelled = dataclasses.replace(moments, labels=labels, confidence=confidence)
+            labelled = dataclasses.replace(moments, labels=labels)
             new = group.adapter.update(state, labelled, self.layers[index].source, group.hparams)
             group.layers[index] = {**state, **new}
 

@@ -117,6 +117,29 @@ def test_compiled_matches_eager_with_padded_rows_and_streams() -> None:
     assert compiled.compiled.variants == {(shape, ((("adabn", ()), True, 8, 4),))}
 
 
+@COMPILES
+def test_a_known_layout_on_a_new_pool_checks_every_guard_again() -> None:
+    """A layout that ran skips the guards that do not tell the variants apart, until its pool
+    changes: closing the last stream drops the pool, and the same layout on a new pool (a new
+    object with its own tensors) runs every guard, then gives what fresh streams give."""
+    engine = Engine(two_layer_net(), num_classes=3, mode="compiled", row_buckets=[8])
+    x = images(5, 0, shift=0.5)
+    streams = [engine.open_stream("adabn", {"prior_images": 2}) for _ in range(3)]
+    segments = list(zip(streams, [2, 1, 2], strict=True))
+    first = engine.forward(x, segments).logits
+    engine.forward(x, segments)
+    assert engine.compiled is not None and len(engine.compiled.ready) == 1
+    pool = engine.pool_of(streams[0])
+    for stream in streams:
+        engine.close_stream(stream)
+    assert not engine.compiled.ready
+    streams = [engine.open_stream("adabn", {"prior_images": 2}) for _ in range(3)]
+    assert engine.pool_of(streams[0]) is not pool
+    segments = list(zip(streams, [2, 1, 2], strict=True))
+    torch.testing.assert_close(engine.forward(x, segments).logits, first, **TOLERANCE)
+    assert len(engine.compiled.ready) == 1
+
+
 def test_a_batch_outside_the_buckets_runs_eagerly() -> None:
     """Too many images for the largest bucket: the eager step, same results, nothing compiled."""
     net = two_layer_net()

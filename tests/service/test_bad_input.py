@@ -405,6 +405,15 @@ CASES: list[Case] = [
         "invalid AlphaBNConfig config: alpha: Input should be less than or equal to 1",
     ),
     (
+        "balanced statistics over another number of classes than the model's",
+        "POST",
+        "/v1/streams",
+        {"json": {"adapter": "balanced", "config": {"classes": 100}}},
+        422,
+        "invalid_config",
+        "invalid BalancedConfig config: classes: Value error, the model has 10 classes, not 100",
+    ),
+    (
         "unknown config field",
         "POST",
         "/v1/streams",

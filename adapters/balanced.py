@@ -26,6 +26,16 @@ paper's fixed-momentum EMA (named deviations):
 - ``prior_images`` (per class): Schneider et al.'s source prior, mixed linearly with weight
   n / (n + n0 L) on the class's target estimate; a class not predicted yet is the source.
 The paper's class-agnostic blend (gamma, for many classes) is not implemented.
+
+Gated window (an extension, with ``window_min``): a class memory long enough to resist a label-
+correlated stream forgets a domain too slowly. The window then follows a divergence gate, as the
+``gated`` adapter's momentum does: D is the Jeffreys divergence between an EMA of the stream's
+last ~``recent_images`` images and the balanced statistic that normalised them (per layer), and
+
+    window = window_min + (window - window_min) * d0 / (D + d0)
+
+caps every class's count: a domain switch (large D) shortens every class's memory at once, a
+stable domain keeps the long one.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import Tensor
 
 from adapters.base import NONNEGATIVE, Adapter, HParams, Moments, SourceStats, State, linear_mix
+from adapters.gated import divergence, ema_fold, ema_gaussian
 
 
 class BalancedConfig(BaseModel):
@@ -56,6 +67,12 @@ class BalancedConfig(BaseModel):
         200.0, ge=1, le=1e9, description="images each class remembers (an EMA beyond)"
     )
 
+    window_min: float | None = Field(
+        None, ge=1, le=1e9, description="gated: the window on a domain switch (None: fixed)"
+    )
+    d0: float = Field(0.1, gt=0, le=1e6, description="gated: divergence at which it is half-way")
+    recent_images: float = Field(64.0, ge=1, le=1e6, description="gated: the recent EMA's memory")
+
     @field_validator("classes")
     @classmethod
     def _the_models(cls, classes: int | None, info: ValidationInfo) -> int | None:
@@ -75,7 +92,16 @@ def init_state(source: SourceStats, config: BalancedConfig, generator: torch.Gen
     zeros = torch.zeros(
         (config.classes, source.mean.numel()), dtype=torch.float64, device=source.mean.device
     )
-    return {"n": zeros.new_zeros(config.classes), "mean": zeros, "m2": zeros.clone()}
+    one = zeros.new_ones(())
+    recent = zeros[0].clone()
+    return {
+        "n": zeros.new_zeros(config.classes),
+        "mean": zeros,
+        "m2": zeros.clone(),
+        "recent.w": one,
+        "recent.s1": recent,
+        "recent.s2": recent.clone(),
+    }
 
 
 def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> State:
@@ -101,8 +127,25 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
     delta = batch_mean - mean
     mean = mean + delta * weight
     m2 = m2 + batch_var * nb[..., None] + delta.square() * (n[..., None] * weight)
-    shrink = (hp["window"][:, None] * pixels / total.clamp(min=1)).clamp(max=1.0)
-    return {"n": total * shrink, "mean": mean, "m2": m2 * shrink[..., None]}
+    # gated window: the recent images against the balanced statistic they were normalised with
+    recent_keep = (1 - 1 / hp["recent_images"]) ** moments.images
+    w, s1, s2 = ema_fold(
+        state["recent.w"], state["recent.s1"], state["recent.s2"], recent_keep, moments, source
+    )
+    d = divergence(
+        *ema_gaussian(w, s1, s2, source), *norm_stats(state, moments, source, hp), source.eps
+    )
+    low = torch.where(torch.isinf(hp["window_min"]), hp["window"], hp["window_min"])
+    window = low + (hp["window"] - low).clamp(min=0) * hp["d0"] / (d + hp["d0"])
+    shrink = (window[:, None] * pixels / total.clamp(min=1)).clamp(max=1.0)
+    return {
+        "n": total * shrink,
+        "mean": mean,
+        "m2": m2 * shrink[..., None],
+        "recent.w": w,
+        "recent.s1": s1,
+        "recent.s2": s2,
+    }
 
 
 def norm_stats(
@@ -131,5 +174,5 @@ ADAPTER = Adapter(
     update,
     pseudo_labels=True,
     structural=("classes",),
-    bounds={"n": NONNEGATIVE, "m2": NONNEGATIVE},
+    bounds={"n": NONNEGATIVE, "m2": NONNEGATIVE, "recent.w": (0.0, 1.0), "recent.s2": NONNEGATIVE},
 )

@@ -60,14 +60,16 @@ def init_state(source: SourceStats, config: GatedConfig, generator: torch.Genera
     }
 
 
-def _fold(w: Tensor, s1: Tensor, s2: Tensor, keep: Tensor, moments: Moments, source: SourceStats):
+def ema_fold(
+    w: Tensor, s1: Tensor, s2: Tensor, keep: Tensor, moments: Moments, source: SourceStats
+):
     """One EMA step with weight ``keep`` [S] on the past: (w, S1, S2) with the batch folded in."""
     shifted = moments.mean - source.mean.double()
     k = keep[:, None]
     return keep * w, k * s1 + (1 - k) * shifted, k * s2 + (1 - k) * (moments.var + shifted.square())
 
 
-def _gaussian(w: Tensor, s1: Tensor, s2: Tensor, source: SourceStats) -> tuple[Tensor, Tensor]:
+def ema_gaussian(w: Tensor, s1: Tensor, s2: Tensor, source: SourceStats) -> tuple[Tensor, Tensor]:
     """Mean and variance of (w, S1, S2): w on the source, 1 - w on the pooled target images."""
     w = w[:, None]
     target = 1 - w
@@ -86,16 +88,16 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
     """Fold the batch into the recent EMA, gate the momentum by D, fold it into the running one."""
     images = moments.images
     recent_keep = (1 - 1 / hp["recent_images"]) ** images
-    recent = _fold(
+    recent = ema_fold(
         state["recent.w"], state["recent.s1"], state["recent.s2"], recent_keep, moments, source
     )
     d = divergence(
-        *_gaussian(recent[0], recent[1], recent[2], source),
-        *_gaussian(state["w"], state["s1"], state["s2"], source),
+        *ema_gaussian(recent[0], recent[1], recent[2], source),
+        *ema_gaussian(state["w"], state["s1"], state["s2"], source),
         source.eps,
     )
     eta = hp["eta_min"] + (hp["eta_max"] - hp["eta_min"]).clamp(min=0) * d / (d + hp["d0"])
-    w, s1, s2 = _fold(state["w"], state["s1"], state["s2"], (1 - eta) ** images, moments, source)
+    w, s1, s2 = ema_fold(state["w"], state["s1"], state["s2"], (1 - eta) ** images, moments, source)
     return {
         "w": w,
         "s1": s1,
@@ -110,7 +112,7 @@ def norm_stats(
     state: State, moments: Moments, source: SourceStats, hp: HParams
 ) -> tuple[Tensor, Tensor]:
     """The running statistics: source weight w, 1 - w on the exactly pooled images."""
-    return _gaussian(state["w"], state["s1"], state["s2"], source)
+    return ema_gaussian(state["w"], state["s1"], state["s2"], source)
 
 
 ADAPTER = Adapter(

@@ -93,6 +93,21 @@ def test_prior_and_window_per_class() -> None:
     assert n.sum().item() == n[label].item()
 
 
+@pytest.mark.parametrize(("d0", "remembered"), [(1e6, 5), (1e-9, 2)])
+def test_gated_window_between_window_min_and_window(d0: float, remembered: int) -> None:
+    """The window follows the divergence D between the recent images and the balanced
+    statistic: window_min + (window - window_min) d0 / (D + d0). A negligible d0 leaves the
+    window at window_min, a huge one at window (and window_min None keeps it there)."""
+    engine = Engine(one_layer(CHANNELS), num_classes=CLASSES)
+    config = {"window": 5, "window_min": 2, "d0": d0, "prior_images": 0}
+    stream = engine.open_stream("balanced", config)
+    x = layer_input(1, 0, shift=1.0)
+    for _ in range(7):
+        label = layer_output(engine, x, stream).flatten(1).argmax(1).item()
+    n = engine.pool_of(stream).layers[0]["n"][stream.slot]
+    assert n[label].item() == pytest.approx(remembered * SIZE * SIZE, rel=1e-4)
+
+
 def test_single_class_is_adabn_one_batch_late() -> None:
     """With K = 1 (a one-logit model) the balanced statistic is the stream's pooled statistic
     (AdaBN) of the batches before the current one, at N = 1 included (between-image variance

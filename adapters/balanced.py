@@ -29,13 +29,15 @@ The paper's class-agnostic blend (gamma, for many classes) is not implemented.
 
 Gated window (an extension, with ``window_min``): a class memory long enough to resist a label-
 correlated stream forgets a domain too slowly. The window then follows a divergence gate, as the
-``gated`` adapter's momentum does: D is the Jeffreys divergence between an EMA of the stream's
-last ~``recent_images`` images and the balanced statistic that normalised them (per layer), and
+``gated`` adapter's momentum does: per layer, D is the Jeffreys divergence between an EMA of the
+stream's last ~``recent_images`` images and what the class statistics expect of those images,
+the mixture of the classes they were predicted as (the same EMA over their one-hot labels), and
 
     window = window_min + (window - window_min) * d0 / (D + d0)
 
-caps every class's count: a domain switch (large D) shortens every class's memory at once, a
-stable domain keeps the long one.
+caps every class's count. Weighting the classes as the recent images do makes D blind to label
+shift: a run of one class is expected to look like that class, so a label-correlated stream keeps
+the long memory, while a domain switch (every class's statistic off) shortens it at once.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def init_state(source: SourceStats, config: BalancedConfig, generator: torch.Gen
         "recent.w": one,
         "recent.s1": recent,
         "recent.s2": recent.clone(),
+        "recent.labels": zeros.new_zeros(config.classes),
     }
 
 
@@ -127,13 +130,22 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
     delta = batch_mean - mean
     mean = mean + delta * weight
     m2 = m2 + batch_var * nb[..., None] + delta.square() * (n[..., None] * weight)
-    # gated window: the recent images against the balanced statistic they were normalised with
+    # gated window: the recent images against the mixture of the classes they were predicted as
     recent_keep = (1 - 1 / hp["recent_images"]) ** moments.images
     w, s1, s2 = ema_fold(
         state["recent.w"], state["recent.s1"], state["recent.s2"], recent_keep, moments, source
     )
+    keep = recent_keep[:, None]
+    share = images / images.sum(-1, keepdim=True).clamp(min=1)
+    labels = keep * state["recent.labels"] + (1 - keep) * share
+    class_means, class_vars = class_gaussians(state, moments, source, hp)
+    shifted = class_means - source.mean.double()
+    expected_s1 = torch.einsum("sk,skc->sc", labels, shifted)
+    expected_s2 = torch.einsum("sk,skc->sc", labels, class_vars + shifted.square())
     d = divergence(
-        *ema_gaussian(w, s1, s2, source), *norm_stats(state, moments, source, hp), source.eps
+        *ema_gaussian(w, s1, s2, source),
+        *ema_gaussian(w, expected_s1, expected_s2, source),
+        source.eps,
     )
     low = torch.where(torch.isinf(hp["window_min"]), hp["window"], hp["window_min"])
     window = low + (hp["window"] - low).clamp(min=0) * hp["d0"] / (d + hp["d0"])
@@ -145,13 +157,14 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
         "recent.w": w,
         "recent.s1": s1,
         "recent.s2": s2,
+        "recent.labels": labels,
     }
 
 
-def norm_stats(
+def class_gaussians(
     state: State, moments: Moments, source: SourceStats, hp: HParams
 ) -> tuple[Tensor, Tensor]:
-    """The uniform mixture of the K class Gaussians (the balanced statistic), [S, C]."""
+    """Each class's mean and variance with its source prior, [S, K, C]."""
     n = state["n"]
     seen = n > 0
     weight = torch.where(seen, n / (n + hp["prior_images"][:, None] * moments.pixels), 0.0)
@@ -160,8 +173,14 @@ def norm_stats(
     means, variances = linear_mix(
         weight.flatten(), state["mean"].flatten(0, 1), var.flatten(0, 1), source
     )
-    means = means.view(streams, classes, -1)
-    variances = variances.view(streams, classes, -1)
+    return means.view(streams, classes, -1), variances.view(streams, classes, -1)
+
+
+def norm_stats(
+    state: State, moments: Moments, source: SourceStats, hp: HParams
+) -> tuple[Tensor, Tensor]:
+    """The uniform mixture of the K class Gaussians (the balanced statistic), [S, C]."""
+    means, variances = class_gaussians(state, moments, source, hp)
     mean = means.mean(1)
     return mean, variances.mean(1) + (means - mean[:, None]).square().mean(1)
 
@@ -174,5 +193,11 @@ ADAPTER = Adapter(
     update,
     pseudo_labels=True,
     structural=("classes",),
-    bounds={"n": NONNEGATIVE, "m2": NONNEGATIVE, "recent.w": (0.0, 1.0), "recent.s2": NONNEGATIVE},
+    bounds={
+        "n": NONNEGATIVE,
+        "m2": NONNEGATIVE,
+        "recent.w": (0.0, 1.0),
+        "recent.s2": NONNEGATIVE,
+        "recent.labels": (0.0, 1.0),
+    },
 )

@@ -117,8 +117,7 @@ CANDIDATES = (
     variant("momentum", batch_ref=64),
     variant("balanced", window=1000.0),
     variant("balanced", window=4000.0),
-    variant("balanced", window=1000.0, window_min=200.0),
-    variant("balanced", window=1000.0, window_min=200.0, d0=0.02),
+    variant("balanced", window=1000.0, window_min=100.0, d0=0.02),
 )
 
 

@@ -93,19 +93,43 @@ def test_prior_and_window_per_class() -> None:
     assert n.sum().item() == n[label].item()
 
 
-@pytest.mark.parametrize(("d0", "remembered"), [(1e6, 5), (1e-9, 2)])
-def test_gated_window_between_window_min_and_window(d0: float, remembered: int) -> None:
-    """The window follows the divergence D between the recent images and the balanced
-    statistic: window_min + (window - window_min) d0 / (D + d0). A negligible d0 leaves the
-    window at window_min, a huge one at window (and window_min None keeps it there)."""
-    engine = Engine(one_layer(CHANNELS), num_classes=CLASSES)
-    config = {"window": 5, "window_min": 2, "d0": d0, "prior_images": 0}
+class SignOfChannel0(torch.nn.Module):
+    """A BatchNorm layer whose output does not decide the class: the class is the sign of
+    channel 0's mean in the raw input (0 if positive), so every image's label is known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = one_layer(CHANNELS)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = x[:, 0].mean((1, 2))
+        return torch.stack([side, -side], 1) + 0 * self.bn(x).mean((1, 2, 3))[:, None]
+
+
+@pytest.mark.parametrize("window_min", [2.0, None])
+def test_gated_window_ignores_label_shift_and_shortens_on_a_domain_switch(
+    window_min: float | None,
+) -> None:
+    """window = window_min + (window - window_min) d0 / (D + d0), D the divergence between the
+    recent images and the mixture of the classes they were predicted as. Two fixed images, one
+    per class, in runs of one class (label shift): the recent images are exactly their classes'
+    mixture, D = 0 and each class keeps its full window. The same images shifted (a new domain):
+    D is large and every class's memory drops to window_min at once (None: the window stays)."""
+    engine = Engine(SignOfChannel0(), num_classes=2)
+    config = {"window": 5, "window_min": window_min, "d0": 1e-9, "prior_images": 0}
     stream = engine.open_stream("balanced", config)
-    x = layer_input(1, 0, shift=1.0)
-    for _ in range(7):
-        label = layer_output(engine, x, stream).flatten(1).argmax(1).item()
+    a, b = layer_input(1, 0, shift=1.0), -layer_input(1, 1, shift=1.0)
+    assert a[:, 0].mean() > 0 > b[:, 0].mean()  # class 0, class 1
+    for x in [a, b, a, b] + [a] * 4 + [b] * 4:  # six images of each class, in runs
+        engine.forward(x, [(stream, 1)])
+    image = SIZE * SIZE
     n = engine.pool_of(stream).layers[0]["n"][stream.slot]
-    assert n[label].item() == pytest.approx(remembered * SIZE * SIZE, rel=1e-4)
+    torch.testing.assert_close(n, torch.full_like(n, 5.0 * image))
+
+    engine.forward(a + 3.0, [(stream, 1)])  # a new domain, still class 0
+    n = engine.pool_of(stream).layers[0]["n"][stream.slot]
+    remembered = 5.0 if window_min is None else window_min
+    torch.testing.assert_close(n, torch.full_like(n, remembered * image), rtol=1e-4, atol=0)
 
 
 def test_single_class_is_adabn_one_batch_late() -> None:

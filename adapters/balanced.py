@@ -138,6 +138,8 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
     keep = recent_keep[:, None]
     share = images / images.sum(-1, keepdim=True).clamp(min=1)
     labels = keep * state["recent.labels"] + (1 - keep) * share
+    # what the class statistics expect of the same images: (w, S1, S2) with each image replaced
+    # by its class's Gaussian (the labels' EMA weighs the classes; it sums to 1 - w, as S1's does)
     class_means, class_vars = class_gaussians(state, moments, source, hp)
     shifted = class_means - source.mean.double()
     expected_s1 = torch.einsum("sk,skc->sc", labels, shifted)

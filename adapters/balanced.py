@@ -112,14 +112,15 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
     if moments.labels is None:
         raise ValueError("balanced statistics need the forward's predicted classes")
     classes = state["n"].shape[-1]
-    onehot = torch.nn.functional.one_hot(moments.labels.clamp(max=classes - 1), classes).double()
+    labels = moments.labels.clamp(max=classes - 1)
+    onehot = torch.nn.functional.one_hot(labels, classes).double()
     pixels = moments.pixels
     sample_mean = moments.sample_mean.double()
     # per (stream, class): images, mean, and spread around that mean (law of total variance)
     images = moments.members @ onehot  # [S, K]
     count = images.clamp(min=1)[..., None]
     batch_mean = torch.einsum("sn,nk,nc->skc", moments.members, onehot, sample_mean) / count
-    own_mean = batch_mean[moments.segment, moments.labels.clamp(max=classes - 1)]  # [N, C]
+    own_mean = batch_mean[moments.segment, labels]  # [N, C]
     spread = moments.sample_var.double() + (sample_mean - own_mean).square()
     batch_var = torch.einsum("sn,nk,nc->skc", moments.members, onehot, spread) / count
 
@@ -137,13 +138,13 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
     )
     keep = recent_keep[:, None]
     share = images / images.sum(-1, keepdim=True).clamp(min=1)
-    labels = keep * state["recent.labels"] + (1 - keep) * share
+    recent_labels = keep * state["recent.labels"] + (1 - keep) * share
     # what the class statistics expect of the same images: (w, S1, S2) with each image replaced
     # by its class's Gaussian (the labels' EMA weighs the classes; it sums to 1 - w, as S1's does)
     class_means, class_vars = class_gaussians(state, moments, source, hp)
     shifted = class_means - source.mean.double()
-    expected_s1 = torch.einsum("sk,skc->sc", labels, shifted)
-    expected_s2 = torch.einsum("sk,skc->sc", labels, class_vars + shifted.square())
+    expected_s1 = torch.einsum("sk,skc->sc", recent_labels, shifted)
+    expected_s2 = torch.einsum("sk,skc->sc", recent_labels, class_vars + shifted.square())
     d = divergence(
         *ema_gaussian(w, s1, s2, source),
         *ema_gaussian(w, expected_s1, expected_s2, source),
@@ -159,7 +160,7 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
         "recent.w": w,
         "recent.s1": s1,
         "recent.s2": s2,
-        "recent.labels": labels,
+        "recent.labels": recent_labels,
     }
 
 

@@ -72,7 +72,8 @@ PRESETS: dict[str, dict[str, Preset]] = {
     "tbn": {RECOMMENDED: _TBN, PAPER: _TBN},
     "adabn": {
         RECOMMENDED: Preset(
-            "any stream (the server's default): never worse than source in any protocol measured",
+            "any stream (the server's default where balanced's per-class state is too large): "
+            "never worse than source in any protocol measured",
             "i.i.d. B=64 37.0, Dirichlet(0.1) 49.7, N=1 37.1, continual 47.3",
             {"prior_images": 64.0},
         ),
@@ -91,7 +92,8 @@ PRESETS: dict[str, dict[str, Preset]] = {
         RECOMMENDED: _BALANCED,
         PAPER: _BALANCED,
         "gated": Preset(
-            "a stream of unknown kind: within 2 points of the best adapter in every protocol",
+            "a stream of unknown kind (the server's default): within 2 points of the best "
+            "adapter in every protocol",
             "i.i.d. B=64 38.1, continual 38.8, Dirichlet(0.1) 43.7, mixed 51.0, N=1 37.6",
             {"window": 1000.0, "window_min": 100.0, "d0": 0.02},
         ),

@@ -8,6 +8,7 @@ give. Clean streams start at different offsets of the test set, so their spread 
 compares the clean streams' largest values with the severe corruptions' smallest, per signal.
 
     python -m bench.signals                      # the default adapter, into docs/metrics.md
+    python -m bench.signals --adapter adabn      # the fallback default (models with many classes)
     python -m bench.signals --adapter source     # the unadapted model, for comparison
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adapters.presets import preset_config
 from bench.corruptions import corrupt
 from bench.data import load_cifar10
 from bench.report import command_line, machine, table, write_section
@@ -179,10 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     if any(c % args.batch for c in checkpoints):
         parser.error("every checkpoint must be a multiple of --batch")
     settings = Settings()
-    if args.adapter is None or args.adapter == settings.default_adapter:
-        adapter = (settings.default_adapter, settings.default_adapter_config)
-    else:
-        adapter = (args.adapter, {})
+    name = args.adapter or settings.default_adapter
+    defaults = dict(settings.default_adapters())  # the default's and the fallback's configs
+    adapter = (name, preset_config(name, None, defaults.get(name)))
     thresholds = trouble_thresholds(settings)
     torch.set_grad_enabled(False)
     model, spec = create_model(args.model, cache_dir=args.cache_dir)

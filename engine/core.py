@@ -443,6 +443,11 @@ class Engine:
             held[pool.adapter.name] = held.get(pool.adapter.name, 0) + pool.nbytes
         return held
 
+    def slot_bytes(self, adapter: str, config: BaseModel | dict | None = None) -> int:
+        """Bytes of the state of one stream of ``adapter`` with ``config`` on this model."""
+        spec = get_adapter(adapter)
+        return self._layout(spec, self.validate_config(spec, config)).slot_bytes
+
     def _layout(self, adapter: Adapter, config: BaseModel) -> StateLayout:
         """The layout of a state of this adapter and config (cached; safe from any thread)."""
         key = _pool_key(adapter, config)

@@ -234,8 +234,7 @@ async def _start(
             return await registry.create(
                 stream_id,
                 model,
-                settings.default_adapter,
-                settings.default_adapter_config,
+                *registry.runtime(model).stream_adapter(None),
                 None,
                 caller.tenant,
                 max_streams=quota.max_streams,

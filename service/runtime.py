@@ -12,12 +12,14 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
 
+from adapters import get_adapter
+from adapters.presets import preset_config
 from engine.compiled import DEFAULT_BUCKETS, compiled_is_faster
 from engine.core import Engine
 from engine.network import Network
@@ -46,9 +48,7 @@ class CompileOptions:
     mode: str = "eager"  # auto | eager | compiled
     row_buckets: Sequence[int] = DEFAULT_BUCKETS
     stream_buckets: Sequence[int] = DEFAULT_BUCKETS
-    warmup: Sequence[tuple[int, int]] = ()
-    adapter: str = "adabn"  # the adapter the warm-up compiles for, with its config
-    config: dict[str, Any] = field(default_factory=dict)
+    warmup: Sequence[tuple[int, int]] = ()  # compiled for the model's default adapter
 
     def compiled(self, device: torch.device) -> bool:
         """Whether to compile on ``device``."""
@@ -78,15 +78,31 @@ class ModelRuntime:
         writer: StoreWriter,
         max_streams: int,
         metrics: Metrics,
+        default_adapter: tuple[str, dict[str, Any]] = ("adabn", {}),
     ) -> None:
         self.engine = engine
         self.spec = spec
         self.name = spec.name
+        self.default_adapter = default_adapter  # of a stream created without one, with config
         self.slots = StreamSlots(engine, writer, max_streams, metrics)
         self.normalizer = Normalizer(spec)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"tta-engine-{spec.name}")
         self.batcher: RequestQueue | None = None
         self._pinned: torch.Tensor | None = None
+
+    def stream_adapter(
+        self, adapter: str | None, preset: str | None = None, config: dict[str, Any] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """The adapter and config of a new stream of this model.
+
+        No ``adapter``: the model's default, with its config unless ``config`` is given. The
+        config goes over the adapter's ``preset`` (default: recommended); UnknownAdapterError,
+        UnknownPresetError otherwise.
+        """
+        if adapter is None:
+            adapter, default = self.default_adapter
+            config = default if config is None else config
+        return adapter, preset_config(get_adapter(adapter).name, preset, config)
 
     @property
     def device(self) -> torch.device:
@@ -137,6 +153,8 @@ def load_runtime(
     amp: bool,
     cuda_graphs: bool = False,
     compile: CompileOptions | None = None,
+    default_adapters: Sequence[tuple[str, dict[str, Any]]] = (("adabn", {}),),
+    default_state_bytes: int = 0,
     max_state_bytes: int = 0,
     max_state_header_bytes: int = 0,
     writer: StoreWriter,
@@ -146,6 +164,8 @@ def load_runtime(
     """Build a model and its engine (blocking: call it in a thread).
 
     ``name``: a registered model, or an ONNX file's or a user model's entry of the settings.
+    The model's default adapter is the first of ``default_adapters`` whose state of one stream
+    fits ``default_state_bytes`` (0: any), else the last.
     """
     network: Network | torch.nn.Module
     if isinstance(name, OnnxModel):
@@ -174,9 +194,11 @@ def load_runtime(
         row_buckets=compile.row_buckets,
         stream_buckets=compile.stream_buckets,
     )
+    adapter, config = default = choose_default(engine, default_adapters, default_state_bytes)
     if compiled and compile.warmup:
         logger.info("compiling %s for layouts %s", spec.name, list(compile.warmup))
-        engine.warm_up(compile.adapter, compile.config, compile.warmup, (3, *spec.input_size))
+        config = preset_config(adapter, None, config)
+        engine.warm_up(adapter, config, compile.warmup, (3, *spec.input_size))
     layouts = metrics.compiled_layouts.labels(spec.name)  # 0 for an eager engine
     if engine.compiled is not None:
         layouts.set_function(functools.partial(len, engine.compiled.variants))
@@ -191,7 +213,26 @@ def load_runtime(
     ).set(1)
     metrics.add_model(spec.name)
     logger.info("loaded model %s on %s (%s)", spec.name, device, spec.backend)
-    return ModelRuntime(engine, spec, writer, max_streams, metrics)
+    return ModelRuntime(engine, spec, writer, max_streams, metrics, default)
+
+
+def choose_default(
+    engine: Engine, choices: Sequence[tuple[str, dict[str, Any]]], max_bytes: int
+) -> tuple[str, dict[str, Any]]:
+    """The first ``(adapter, config)`` whose state of one stream fits ``max_bytes`` (0: any),
+    else the last; a config goes over the adapter's recommended preset, as a request's does."""
+    for adapter, config in choices:  # the last one is kept whatever its size
+        size = engine.slot_bytes(adapter, preset_config(adapter, None, config))
+        if not max_bytes or size <= max_bytes:
+            break
+    logger.info(
+        "model %s: streams created without an adapter get %s %s (%d bytes of state each)",
+        engine.name,
+        adapter,
+        config,
+        size,
+    )
+    return adapter, config
 
 
 def load_own_model(entry: UserModel) -> tuple[torch.nn.Module, ModelSpec]:

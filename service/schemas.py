@@ -102,7 +102,8 @@ class StreamCreate(BaseModel):
     )
     model: str | None = Field(default=None, description="served model (default: the first served)")
     adapter: str | None = Field(
-        default=None, description="adapter name (see GET /v1/adapters; default: the server's)"
+        default=None,
+        description="adapter name (see GET /v1/adapters; default: the model's, GET /v1/models)",
     )
     preset: str | None = Field(
         default=None,
@@ -401,6 +402,11 @@ class ModelPublic(BaseModel):
     labels: list[str]
     device: str
     ready: bool
+    default_adapter: str = Field(
+        description="adapter of a stream created without one (default_adapter, or "
+        "fallback_adapter where its state exceeds default_state_bytes)"
+    )
+    default_adapter_config: dict[str, Any] = Field(description="its config, as a stream gets it")
 
 
 class ModelsPublic(BaseModel):
@@ -423,6 +429,12 @@ class ModelsPublic(BaseModel):
                             ],
                             "device": "cpu",
                             "ready": True,
+                            "default_adapter": "balanced",
+                            "default_adapter_config": {
+                                "window": 1000.0,
+                                "window_min": 100.0,
+                                "d0": 0.02,
+                            },
                         }
                     ]
                 }

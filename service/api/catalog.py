@@ -28,6 +28,7 @@ async def list_served_models(state: AppStateDep) -> ModelsPublic:
     for runtime in state.runtimes.values():  # registered models, then ONNX files that loaded
         spec = runtime.spec
         lows, highs = spec.input_range(state.settings.input_range_margin)
+        adapter, config = runtime.stream_adapter(None)
         data.append(
             ModelPublic(
                 name=spec.name,
@@ -41,6 +42,8 @@ async def list_served_models(state: AppStateDep) -> ModelsPublic:
                 labels=list(spec.labels),
                 device=str(runtime.device),
                 ready=state.ready,
+                default_adapter=adapter,
+                default_adapter_config=config,
             )
         )
     return ModelsPublic(data=data)

@@ -340,7 +340,7 @@ async def model_metadata(model: str, registry: RegistryDep, state: AppStateDep) 
             "stateless_adapter": settings.oip_stateless_adapter,
             "stateless_adapters": stateless_adapters(),
             # A sequence started with sequence_start gets this adapter (a new stream).
-            "sequence_adapter": settings.default_adapter,
+            "sequence_adapter": runtime.default_adapter[0],
             "sequence_end": settings.oip_sequence_end,
         },
     }
@@ -381,7 +381,7 @@ async def model_config(model: str, registry: RegistryDep, state: AppStateDep) ->
         "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_delay_ms * 1000)},
         "parameters": {
             "stateless_adapter": {"string_value": settings.oip_stateless_adapter},
-            "sequence_adapter": {"string_value": settings.default_adapter},
+            "sequence_adapter": {"string_value": runtime.default_adapter[0]},
             "sequence_end": {"string_value": settings.oip_sequence_end},
         },
     }  # fmt: skip

@@ -18,9 +18,9 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from adapters import InvalidStateError, StateMismatchError, UnknownAdapterError, get_adapter
+from adapters import InvalidStateError, StateMismatchError, UnknownAdapterError
 from adapters.pool import StateMemoryError
-from adapters.presets import UnknownPresetError, preset_config
+from adapters.presets import UnknownPresetError
 from models import ModelSpec
 from service.api.deps import AppStateDep, RegistryDep, SettingsDep
 from service.api.openapi import (
@@ -221,12 +221,8 @@ async def create_stream(
     Refused with 403 ``quota_exceeded`` beyond the tenant's quota of streams or state memory.
     """
     model = body.model or next(iter(registry.runtimes))  # the first model served
-    adapter, config = body.adapter, body.config
-    if adapter is None:
-        adapter = settings.default_adapter
-        config = settings.default_adapter_config if config is None else config
-    # Naming an adapter gives its recommended preset unless the request names another one.
-    config = preset_config(get_adapter(adapter).name, body.preset, config)
+    runtime = registry.runtime(model)
+    adapter, config = runtime.stream_adapter(body.adapter, body.preset, body.config)
     quota = settings.tenant_quota(caller.tenant)
     entry = await registry.create(
         body.id,

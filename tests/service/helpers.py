@@ -30,6 +30,7 @@ from service.stores import RedisStore
 from service.streams import samples_of
 
 MODEL = "cifar10_resnet20"
+DEFAULT_ADAPTER = "balanced"  # what a stream of MODEL created without an adapter gets
 
 
 def server_settings(data_dir: Path, cache_dir: Path, **overrides: Any) -> Settings:

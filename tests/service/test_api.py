@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from adapters import ADAPTERS
+from adapters.presets import preset_config
 from tests.service.helpers import (
     MODEL,
     Server,
@@ -65,7 +66,9 @@ def test_stream_lifecycle(client: httpx.Client) -> None:
 
     generated = client.post("/v1/streams", json={}).json()
     assert generated["id"].startswith("s-")
-    assert generated["adapter"] == "adabn"
+    assert generated["adapter"] == "balanced"  # the server's default (its 'gated' preset)
+    gated = preset_config("balanced", "gated")
+    assert {key: generated["config"][key] for key in gated} == gated
 
     listing = client.get("/v1/streams", params={"limit": 1000}).json()
     assert {"life-1", generated["id"]} <= {s["id"] for s in listing["data"]}
@@ -258,3 +261,25 @@ def test_stream_without_adapter_gets_the_server_default(tmp_path: Path, model_ca
         assert created.json()["config"]["window"] == 500
         explicit = http.post("/v1/streams", json={"id": "explicit", "adapter": "tbn"})
         assert explicit.json()["adapter"] == "tbn"
+
+
+def test_a_model_where_the_default_state_is_too_large_gets_the_fallback(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    # balanced keeps 2 x classes x channels per BN layer: 135.6 KB on ResNet-20, 223.7 KB on
+    # ResNet-32 (docs/performance.md); a budget between them splits the two models.
+    models = ["cifar10_resnet20", "cifar10_resnet32"]
+    settings = server_settings(tmp_path, model_cache, models=models, default_state_bytes=180_000)
+    with running_server(settings) as server, server.client() as http:
+        served = {m["name"]: m for m in http.get("/v1/models").json()["data"]}
+        assert served["cifar10_resnet20"]["default_adapter"] == "balanced"
+        assert served["cifar10_resnet32"]["default_adapter"] == "adabn"
+        assert served["cifar10_resnet32"]["default_adapter_config"] == {"prior_images": 64}
+        for model, adapter in [("cifar10_resnet20", "balanced"), ("cifar10_resnet32", "adabn")]:
+            created = http.post("/v1/streams", json={"model": model}).json()
+            assert (created["adapter"], created["model"]) == (adapter, model)
+            oip = http.get(f"/v2/models/{model}").json()["parameters"]
+            assert oip["sequence_adapter"] == adapter
+        # a named adapter is never replaced, whatever its state's size
+        named = http.post("/v1/streams", json={"model": models[1], "adapter": "balanced"})
+        assert named.json()["adapter"] == "balanced"

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.corruptions import corrupt
 from bench.traffic import send_v1, send_v2
 from service.metrics import StreamSignal, TroubleThresholds
-from tests.service.helpers import MODEL, running_server, server_settings
+from tests.service.helpers import DEFAULT_ADAPTER, MODEL, running_server, server_settings
 
 Families = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
@@ -97,7 +97,7 @@ def test_a_stream_fed_only_over_v2_shows_in_every_view(
     # Severe noise: the calibrated thresholds put the stream in trouble by its entropy.
     assert value(samples, "tta_streams_in_trouble", model=MODEL, reason="high_entropy") == 1
     assert value(samples, "tta_streams_in_trouble", model=MODEL, reason="any") == 1
-    assert value(samples, "tta_streams_by_adapter", model=MODEL, adapter="adabn") == 1
+    assert value(samples, "tta_streams_by_adapter", model=MODEL, adapter=DEFAULT_ADAPTER) == 1
     requests = value(
         samples,
         "tta_http_requests_total",
@@ -113,14 +113,14 @@ def test_a_broken_stream_is_not_hidden_behind_drifting_ones(
 ) -> None:
     """The issue's scenario: more drifting streams than metrics_top_k, one of them broken.
 
-    Fog (severity 4) moves the early layers' statistics far, but the adapted model still
+    Fog (severity 3) moves the early layers' statistics far, but the adapted model still
     predicts as well as on clean images: harmless drift. Gaussian noise drifts less and breaks
     the predictions (high entropy). By drift alone the broken stream ranks last of the three.
     """
     settings = server_settings(tmp_path, model_cache, metrics_top_k=2)
     with running_server(settings) as server, server.client() as client:
-        feed(client, "fog-a", images_of(cifar10_test, 0, 128, "fog-4"))
-        feed(client, "fog-b", images_of(cifar10_test, 5000, 128, "fog-4"))
+        feed(client, "fog-a", images_of(cifar10_test, 0, 128, "fog-3"))
+        feed(client, "fog-b", images_of(cifar10_test, 5000, 128, "fog-3"))
         feed(client, "broken", images_of(cifar10_test, 2500, 128, "gaussian_noise-5"))
         feed(client, "clean", images_of(cifar10_test, 7500, 128, None))
         reports = {
@@ -170,7 +170,7 @@ def test_restored_streams_publish_their_last_signals_at_start_up(
         assert after[name] == before[name], name
     assert per_stream(after, "tta_stream_samples") == {"noisy": 96, "clean": 96}
     assert value(after, "tta_streams_in_trouble", model=MODEL, reason="any") == 1
-    assert value(after, "tta_streams_by_adapter", model=MODEL, adapter="adabn") == 3
+    assert value(after, "tta_streams_by_adapter", model=MODEL, adapter=DEFAULT_ADAPTER) == 3
 
 
 def test_service_gauges_and_process_metrics(tmp_path: Path, model_cache: Path) -> None:
@@ -202,7 +202,7 @@ def test_service_gauges_and_process_metrics(tmp_path: Path, model_cache: Path) -
     ):
         assert name in samples, name
     # No signals yet: the stream counts per adapter, not in the signal views.
-    assert value(samples, "tta_streams_by_adapter", model=MODEL, adapter="adabn") == 1
+    assert value(samples, "tta_streams_by_adapter", model=MODEL, adapter=DEFAULT_ADAPTER) == 1
     assert value(samples, "tta_fleet_stream_drift_gcount", model=MODEL, depth="early") == 0
     assert "tta_stream_severity" not in samples
     # On the CPU there is no GPU family at all.

@@ -114,7 +114,8 @@ def test_eviction_writes_back_and_reloads(tmp_path: Path, model_cache: Path) -> 
         handles = {}
         for index in range(5):
             stream = client.post("/v1/streams", json={"id": f"ev-{index}"}).json()
-            handles[stream["id"]] = engine.open_stream("adabn", stream["config"], stream["seed"])
+            adapter, config, seed = stream["adapter"], stream["config"], stream["seed"]
+            handles[stream["id"]] = engine.open_stream(adapter, config, seed)
         for round_ in range(2):
             for index in range(5):
                 pixels = random_pixels(2, 10 * round_ + index)

@@ -27,10 +27,16 @@ def created_config(client: httpx.Client, body: dict) -> dict:
 
 
 def test_naming_adabn_gives_the_recommended_config(client: httpx.Client) -> None:
-    """The README's request gets what the server's default gets (issue 18)."""
     named = created_config(client, {"id": "named", "adapter": "adabn"})
+    assert named == {"prior_images": 64.0, "window": None}
+
+
+def test_the_readme_request_gets_the_server_default(client: httpx.Client) -> None:
+    """The README's request gets what a stream created without an adapter gets (issue 18)."""
+    readme = created_config(client, {"id": "readme", "adapter": "balanced", "preset": "gated"})
     omitted = created_config(client, {"id": "omitted"})
-    assert named == omitted == {"prior_images": 64.0, "window": None}
+    assert readme == omitted
+    assert (omitted["window"], omitted["window_min"], omitted["d0"]) == (1000.0, 100.0, 0.02)
 
 
 def test_paper_preset_and_overrides(client: httpx.Client) -> None:

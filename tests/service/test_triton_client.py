@@ -131,7 +131,8 @@ def test_a_sequence_adapts_like_a_v1_stream_and_ends(
         np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6)
         if not flag.get("sequence_end"):
             stream = client.get(f"/v1/streams/{sequence_id}").json()
-            assert stream["adapter"] == "adabn" and stream["config"]["prior_images"] == 64
+            default = client.get(f"/v1/streams/{reference}").json()  # created without an adapter
+            assert (stream["adapter"], stream["config"]) == (default["adapter"], default["config"])
     assert result.get_response()["parameters"]["samples"] == 9
     assert client.get(f"/v1/streams/{sequence_id}").status_code == 404
 

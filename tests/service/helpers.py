@@ -66,7 +66,7 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(settings: Settings) -> Iterator[Server]:
+def running_server(settings: Settings, start_timeout_s: float = 30.0) -> Iterator[Server]:
     """Serve ``create_app(settings)`` with uvicorn on 127.0.0.1 (a free port) in a thread."""
     app = create_app(settings)
     config = uvicorn.Config(
@@ -75,10 +75,13 @@ def running_server(settings: Settings) -> Iterator[Server]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + start_timeout_s
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
+            # stop it (once its start-up ends) rather than leave it to load the next tests
+            server.should_exit = True
+            thread.join(timeout=600)
+            raise RuntimeError(f"the test server did not start within {start_timeout_s} s")
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:

@@ -194,9 +194,10 @@ def load_runtime(
         row_buckets=compile.row_buckets,
         stream_buckets=compile.stream_buckets,
     )
-    adapter, config = default = choose_default(engine, default_adapters, default_state_bytes)
+    default = choose_default(engine, default_adapters, default_state_bytes)
     if compiled and compile.warmup:
         logger.info("compiling %s for layouts %s", spec.name, list(compile.warmup))
+        adapter, config = default
         config = preset_config(adapter, None, config)
         engine.warm_up(adapter, config, compile.warmup, (3, *spec.input_size))
     layouts = metrics.compiled_layouts.labels(spec.name)  # 0 for an eager engine

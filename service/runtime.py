@@ -194,12 +194,6 @@ def load_runtime(
         row_buckets=compile.row_buckets,
         stream_buckets=compile.stream_buckets,
     )
-    default = choose_default(engine, default_adapters, default_state_bytes)
-    if compiled and compile.warmup:
-        logger.info("compiling %s for layouts %s", spec.name, list(compile.warmup))
-        adapter, config = default
-        config = preset_config(adapter, None, config)
-        engine.warm_up(adapter, config, compile.warmup, (3, *spec.input_size))
     layouts = metrics.compiled_layouts.labels(spec.name)  # 0 for an eager engine
     if engine.compiled is not None:
         layouts.set_function(functools.partial(len, engine.compiled.variants))
@@ -213,8 +207,13 @@ def load_runtime(
         spec.backend,
     ).set(1)
     metrics.add_model(spec.name)
+    default = choose_default(engine, default_adapters, default_state_bytes)
+    runtime = ModelRuntime(engine, spec, writer, max_streams, metrics, default)
+    if compiled and compile.warmup:
+        logger.info("compiling %s for layouts %s", spec.name, list(compile.warmup))
+        engine.warm_up(*runtime.stream_adapter(None), compile.warmup, (3, *spec.input_size))
     logger.info("loaded model %s on %s (%s)", spec.name, device, spec.backend)
-    return ModelRuntime(engine, spec, writer, max_streams, metrics, default)
+    return runtime
 
 
 def choose_default(

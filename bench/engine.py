@@ -13,6 +13,11 @@ kernels per compiled forward, and times the compiled adapted forward against the
 one and against the eager adapted one, then 256 x 1, 64 x 4 and 1 x 256 streams
 (engine/compiled.py).
 
+``--mode fastest`` is the GPU matrix of issue 17: the adapted forward against the plain one, both
+in their fastest form (``torch.compile``d, and on CUDA replayed as captured graphs: the plain one
+through inductor's ``reduce-overhead``, the engine's through its own capture), per dtype (fp32
+and the autocast ones named by ``--dtypes``) and batch size, with images/s.
+
 ``--backend onnx`` times the ONNX Runtime backend instead: the model exported by
 ``models.export_onnx``, the adapted forward of both designs (fused graph, cut graph) against
 the untouched file in ONNX Runtime (BN constants, ORT's fusions on), and the fused design
@@ -111,11 +116,18 @@ def main() -> None:
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     parser.add_argument(
         "--mode",
-        choices=["eager", "compiled"],
+        choices=["eager", "compiled", "fastest"],
         default="eager",
-        help="compiled: engine/compiled.py",
+        help="compiled: engine/compiled.py; fastest: compiled and graph-captured, per dtype",
     )
-    parser.add_argument("--adapters", nargs="*", help="compiled mode: only these adapters")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=sorted(AUTOCAST),
+        default=["fp32"],
+        help="fastest mode: fp32 and the autocast dtypes to time",
+    )
+    parser.add_argument("--adapters", nargs="*", help="compiled modes: only these adapters")
     parser.add_argument("--mix-64x4", action="store_true", help="compiled mode: time 64 x 4 too")
     parser.add_argument("--no-mixing", action="store_true", help="compiled mode: skip mixing")
     parser.add_argument("--repeats", type=int, default=7)
@@ -137,7 +149,10 @@ def main() -> None:
     if args.mode == "compiled":
         compiled_main(args, model, classes, pretrained, device)
         return
-    plain_model = model.to(device).eval()
+    if args.mode == "fastest":
+        fastest_main(args, model, classes, pretrained, device)
+        return
+    images, measure, plain_model = _bench_setup(args.model, model, device)
     engine = Engine(
         model,
         name=args.model,
@@ -146,17 +161,13 @@ def main() -> None:
         capacity=128,
         cuda_graphs=args.cuda_graphs,
     )
-    measure = timer(device)
-    spec = get_spec(args.model)
-    h, w = spec.input_size
-    generator = torch.Generator().manual_seed(0)
 
     adapters = sorted(ADAPTERS)
     results: dict[str, dict[int, tuple[float, float, float]]] = {name: {} for name in adapters}
     jobs = [(name, b) for b in args.batch_sizes for name in adapters]
     with torch.inference_mode():
         for name, batch in tqdm(jobs, desc="adapters x batch sizes"):
-            x = torch.randn((batch, 3, h, w), generator=generator).to(device)
+            x = images(batch)
             stream = engine.open_stream(name)
             results[name][batch] = paired_ratio(
                 measure,
@@ -169,7 +180,7 @@ def main() -> None:
             tqdm.write(f"{name} B={batch}: {results[name][batch][0]:.2f}")
 
         # 64 streams x 4 images in one forward vs one stream of 256 vs a loop over the streams.
-        x = torch.randn((256, 3, h, w), generator=generator).to(device)
+        x = images(256)
         streams = [engine.open_stream("adabn") for _ in range(64)]
         single = streams[0]
         chunks = x.split(4)
@@ -339,6 +350,10 @@ def onnx_main(args, model: torch.nn.Module, classes: int, pretrained: bool, devi
 
 COMPILED_TARGETS = {"adabn": 1.1, "alpha_bn": 1.1, "momentum": 1.1, "unmix_tns": 1.3}
 COMPILED_B1_TARGET = 1.5
+# The GPU targets of the fastest forms (issue 17): the ratio at batch 256, images/s at 1024.
+FASTEST_RATIO_TARGET = 1.3
+FASTEST_RATE_TARGET = 200_000
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 KERNELS_PER_LAYER_TARGET = 3
 
 
@@ -394,13 +409,22 @@ def _loop_nests(body: str) -> int:
     return nests
 
 
+def _bench_setup(
+    name: str, model: torch.nn.Module, device: torch.device
+) -> tuple[Callable[[int], torch.Tensor], Callable, torch.nn.Module]:
+    """Random images of the model's input size by batch (seeded), the timer, the plain model."""
+    h, w = get_spec(name).input_size
+    generator = torch.Generator().manual_seed(0)
+
+    def images(batch: int) -> torch.Tensor:
+        return torch.randn((batch, 3, h, w), generator=generator).to(device)
+
+    return images, timer(device), model.to(device).eval()
+
+
 def compiled_main(args, model: torch.nn.Module, classes: int, pretrained: bool, device) -> None:
     """Ops per forward (eager), kernels per forward (compiled), and compiled adapted / plain."""
-    spec = get_spec(args.model)
-    h, w = spec.input_size
-    measure = timer(device)
-    generator = torch.Generator().manual_seed(0)
-    plain_model = model.to(device).eval()
+    images, measure, plain_model = _bench_setup(args.model, model, device)
     compiled_plain = torch.compile(plain_model, dynamic=False)
     common = {"name": args.model, "num_classes": classes, "device": device, "capacity": 256}
     eager = Engine(model, **common)
@@ -414,7 +438,7 @@ def compiled_main(args, model: torch.nn.Module, classes: int, pretrained: bool, 
     ratios: dict[str, dict[int, tuple[float, float, float]]] = {name: {} for name in adapters}
     versus_eager: dict[str, dict[int, tuple[float, float, float]]] = {n: {} for n in adapters}
     with torch.inference_mode():
-        x64 = torch.randn((64, 3, h, w), generator=generator).to(device)
+        x64 = images(64)
         ops["plain"] = count_ops(lambda: plain_model(x64))
         for name in adapters:
             stream = eager.open_stream(name)
@@ -426,7 +450,7 @@ def compiled_main(args, model: torch.nn.Module, classes: int, pretrained: bool, 
             eager.close_stream(stream)
         log.info("ops per forward: %s", ops)
         for batch in sizes:
-            x = torch.randn((batch, 3, h, w), generator=generator).to(device)
+            x = images(batch)
 
             def run_plain(x: torch.Tensor = x) -> object:
                 return compiled_plain(x)
@@ -462,7 +486,7 @@ def compiled_main(args, model: torch.nn.Module, classes: int, pretrained: bool, 
                 )
 
         # 256 streams of one image, 64 of 4 and one of 256, in one compiled forward each.
-        x = torch.randn((256, 3, h, w), generator=generator).to(device)
+        x = images(256)
         layouts = {} if args.no_mixing else {"1 x 256": [256], "256 x 1": [1] * 256}
         if args.mix_64x4 and layouts:
             layouts["64 x 4"] = [4] * 64
@@ -566,6 +590,116 @@ def compiled_main(args, model: torch.nn.Module, classes: int, pretrained: bool, 
     key = f"bench.engine:compiled-{device.type}"
     write_section(args.out, key, "\n".join(lines), title="Performance")
     log.info("\n".join(lines))
+
+
+def fastest_main(args, model: torch.nn.Module, classes: int, pretrained: bool, device) -> None:
+    """Adapted / plain forward, both compiled (and graph-captured on CUDA), per dtype and batch."""
+    images, measure, plain_model = _bench_setup(args.model, model, device)
+    cuda = device.type == "cuda"
+    adapters = args.adapters or sorted(ADAPTERS)
+    # (dtype, adapter, batch) -> (adapted / plain, plain s, adapted s)
+    results: dict[tuple[str, str, int], tuple[float, float, float]] = {}
+    for dtype in args.dtypes:
+        autocast = AUTOCAST[dtype]
+        compiled_plain = torch.compile(
+            plain_model, mode="reduce-overhead" if cuda else None, dynamic=False
+        )
+
+        def plain(x: torch.Tensor, autocast=autocast, compiled_plain=compiled_plain) -> object:
+            with torch.autocast(device.type, autocast or torch.float32, enabled=bool(autocast)):
+                return compiled_plain(x)
+
+        engine = Engine(
+            model,
+            name=args.model,
+            num_classes=classes,
+            device=device,
+            capacity=256,
+            mode="compiled",
+            cuda_graphs=cuda,
+            autocast_dtype=autocast,
+        )
+        with torch.inference_mode():
+            for batch in args.batch_sizes:
+                x = images(batch)
+                for name in adapters:
+                    stream = engine.open_stream(name)
+                    start = time.perf_counter()
+                    engine.forward(x, [(stream, batch)])  # compiles (and captures) this layout
+                    log.info(
+                        "%s %s B=%d ready in %.0f s",
+                        dtype,
+                        name,
+                        batch,
+                        time.perf_counter() - start,
+                    )
+
+                    def adapted(x=x, s=stream, engine=engine) -> object:
+                        return engine.forward(x, [(s, len(x))]).logits
+
+                    cell = paired_ratio(
+                        measure, lambda x=x: plain(x), adapted, args.repeats, args.budget
+                    )
+                    results[dtype, name, batch] = cell
+                    engine.close_stream(stream)
+                    tqdm.write(
+                        f"{dtype} {name} B={batch}: {cell[0]:.2f}, {batch / cell[2]:,.0f} images/s"
+                    )
+    lines = _fastest_report(args, device, machine(device), pretrained, adapters, results)
+    # one section per device, dtypes and adapters: runs of other dtypes or adapters sit beside it
+    key = "-".join(["bench.engine:fastest", device.type, *args.dtypes, *adapters])
+    write_section(args.out, key, "\n".join(lines), title="Performance")
+    log.info("\n".join(lines))
+
+
+def _fastest_report(
+    args,
+    device: torch.device,
+    where: str,
+    pretrained: bool,
+    adapters: list[str],
+    results: dict[tuple[str, str, int], tuple[float, float, float]],
+) -> list[str]:
+    """The fastest-forms section: ratio and images/s per dtype, adapter and batch, with targets."""
+    cuda = device.type == "cuda"
+    sizes = args.batch_sizes
+    form = "compiled, captured as CUDA graphs" if cuda else "compiled (no graphs on the CPU)"
+    lines = [
+        f"## Fastest forms, {args.model} on {device.type.upper()} "
+        f"({', '.join(args.dtypes)}; {', '.join(adapters)})",
+        "",
+        f"Machine: {where}. Command: `{command_line()}`. torch {torch.__version__}.",
+        f"Weights: {'pretrained' if pretrained else 'random (same architecture and cost)'}; both "
+        f"forwards {form}; median of {args.repeats} interleaved pairs per cell. Targets (issue "
+        f"17, GPU): adapted / plain <= {FASTEST_RATIO_TARGET} at batch 256; >= "
+        f"{FASTEST_RATE_TARGET:,} adapted images/s at batch 1024.",
+        "",
+        "| dtype | adapter | "
+        + " | ".join(f"B={b} /plain | B={b} images/s" for b in sizes)
+        + " | targets |",
+        "| --- | --- | " + " | ".join("--- | ---" for _ in sizes) + " | --- |",
+    ]
+    for dtype in args.dtypes:
+        for name in adapters:
+            cells = [results[dtype, name, b] for b in sizes]
+            verdicts = []
+            if 256 in sizes:
+                ratio = results[dtype, name, 256][0]
+                ok = ratio <= FASTEST_RATIO_TARGET
+                verdicts.append(f"B=256 <= {FASTEST_RATIO_TARGET}: {'met' if ok else 'MISSED'}")
+            if 1024 in sizes:
+                rate = 1024 / results[dtype, name, 1024][2]
+                ok = rate >= FASTEST_RATE_TARGET
+                verdicts.append(f"B=1024 >= {FASTEST_RATE_TARGET:,}/s: {'met' if ok else 'MISSED'}")
+            row = " | ".join(
+                f"{r:.2f} | {b / a:,.0f}" for b, (r, _, a) in zip(sizes, cells, strict=True)
+            )
+            lines.append(f"| {dtype} | {name} | {row} | {'; '.join(verdicts)} |")
+    lines.append("")
+    for dtype in args.dtypes:
+        rates = ", ".join(f"B={b}: {b / results[dtype, adapters[0], b][1]:,.0f}" for b in sizes)
+        lines.append(f"Plain forward, {dtype} (images/s): {rates}.")
+    return lines
 
 
 def _verdict(target: float | None, by_batch: dict[int, tuple[float, float, float]]) -> str:

@@ -536,6 +536,12 @@ class Table:
             return math.nan
         return float(np.nanmean(self.errors[label]))
 
+    def complete_mean(self, label: str) -> float:
+        """Mean error over the corruptions, NaN unless every one of them was measured."""
+        if label not in self.errors or np.isnan(self.errors[label]).any():
+            return math.nan
+        return float(np.mean(self.errors[label]))
+
 
 @dataclass
 class ModelResults:
@@ -890,18 +896,30 @@ class Candidate:
 
     @property
     def worst(self) -> tuple[str, float]:
-        """The protocol where it is worst relative to source, and by how much."""
+        """The protocol where it is worst relative to source, and by how much; NaN (no verdict)
+        with the first protocol it was not measured on every corruption of."""
+        for key, gap in self.gaps.items():
+            if math.isnan(gap):
+                return key, math.nan
         key = max(self.gaps, key=lambda k: self.gaps[k])
         return key, self.gaps[key]
 
+    def describe_worst(self) -> str:
+        key, gap = self.worst
+        return f"not measured in {key}" if math.isnan(gap) else f"{key} {gap:+.1f}"
+
 
 def score_candidates(results: ModelResults, labels: Iterable[str]) -> list[Candidate]:
-    """Every candidate's mean per protocol and gap to source (the "never worse" criterion)."""
+    """Every candidate's mean per protocol and gap to source (the "never worse" criterion).
+
+    A protocol where a candidate misses a corruption has a NaN mean: a partial mean is another
+    stream mix than the source's, so it gives no verdict.
+    """
     out = []
     for label in labels:
-        means = {k: t.mean(label) for k, t in results.tables.items() if label in t.errors}
+        means = {k: t.complete_mean(label) for k, t in results.tables.items()}
         gaps = {k: means[k] - results.tables[k].mean("source") for k in means}
-        if means:
+        if any(label in t.errors for t in results.tables.values()):
             out.append(Candidate(label, means, gaps))
     return out
 
@@ -1001,12 +1019,15 @@ def recommend(results: ModelResults, candidates: list[Candidate], batch: int = 6
                 f"mean over the protocols of the safe candidates ({fmt(pick.overall)})."
             )
         else:
-            if candidates:
-                pick = min(candidates, key=lambda c: c.worst[1])
+            measured = [c for c in candidates if not math.isnan(c.worst[1])]
+            if measured:
+                pick = min(measured, key=lambda c: c.worst[1])
                 lines.append(
                     f"- No candidate stays within 1 point of source everywhere; the safest is "
-                    f"`{pick.label}` (worst: {pick.worst[0]}, {pick.worst[1]:+.1f} points)."
+                    f"`{pick.label}` (worst: {pick.describe_worst()} points)."
                 )
+            elif candidates:
+                lines.append("- No candidate is measured on every corruption of every protocol.")
     for t in results.tables.values():
         best_label = min(t.errors, key=t.mean)
         lines.append(
@@ -1178,7 +1199,7 @@ def render(
         )
         lines.append("")
         rows = [
-            [c.label, *[c.gaps.get(k, math.nan) for k in keys], f"{c.worst[0]} {c.worst[1]:+.1f}"]
+            [c.label, *[c.gaps.get(k, math.nan) for k in keys], c.describe_worst()]
             for c in candidates
         ]
         rows += [

@@ -27,6 +27,7 @@ from bench.accuracy import (
     majority_share,
     measure,
     parse_args,
+    recommend,
     render,
     render_best_everywhere,
     run_protocol,
@@ -319,6 +320,23 @@ def test_candidate_gaps_and_worst_protocol() -> None:
     assert candidate.overall == pytest.approx(46.25)
 
 
+def test_a_candidate_missing_a_protocol_or_a_corruption_gets_no_verdict() -> None:
+    """Its gaps where measured are shown, but it is neither safe nor the safest (found when a
+    partial candidate read as "worst: iid64 +nan" and could have been picked by dict order)."""
+    label = "adabn(prior_images=16)"
+    results = _results(
+        continual={"source": 60.0, label: 45.0},
+        dirichlet={"source": 60.0, label: 50.0},
+        iid64={"source": 60.0, "adabn": 40.0},
+    )
+    results.tables["dirichlet"].errors[label][0] = math.nan  # one corruption not measured
+    (candidate,) = score_candidates(results, [label])
+    assert candidate.gaps["continual"] == -15.0
+    assert math.isnan(candidate.gaps["dirichlet"]) and math.isnan(candidate.gaps["iid64"])
+    assert candidate.describe_worst() == "not measured in dirichlet"
+    assert not any("Default" in line for line in recommend(results, [candidate]))
+
+
 def test_best_everywhere_gaps_verdicts_and_share_removed() -> None:
     results = _results(
         iid64={"source": 60.0, "tbn": 40.0, "adabn": 41.5, "momentum": 39.0},
@@ -364,6 +382,7 @@ def test_a_run_without_source_reports_its_candidates_without_failing() -> None:
     (candidate,) = score_candidates(results, ["adabn(prior_images=64)"])
     assert candidate.means == {"iid64": 37.0}
     assert math.isnan(candidate.gaps["iid64"])
+    assert candidate.describe_worst() == "not measured in iid64"
 
 
 def test_variant_labels_are_unique() -> None:

@@ -123,6 +123,9 @@ CANDIDATES = (
     variant("balanced", window=1000.0, window_min=100.0, d0=0.02),
 )
 
+# Every variant the benchmarks know, by label: what --variants (and bench.safety's --adapters) take.
+VARIANTS = {v.label: v for v in (*MAIN_VARIANTS, *CANDIDATES)}
+
 
 # ------------------------------------------------------------------------------------ orderings
 
@@ -1335,7 +1338,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=[v.label for v in (*MAIN_VARIANTS, *CANDIDATES)],
+        choices=list(VARIANTS),
         default=None,
         metavar="LABEL",
         help="run only these variants, by label, e.g. 'adabn(prior_images=64, window=512)' (all)",

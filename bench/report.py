@@ -93,4 +93,5 @@ def machine(device: torch.device | str = "cpu") -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} thread{'s' if threads > 1 else ''} of {os.cpu_count()} cores"

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from bench.accuracy import (
+    VARIANTS,
     Pool,
     Variant,
     build_protocol,
     error_rates,
     load_pool,
     run_protocol,
-    variant,
 )
 from bench.corruptions import CORRUPTIONS
 from bench.report import command_line, fmt, machine, table, write_section
@@ -50,7 +50,7 @@ def rows_for(
 ) -> list[list[str]]:
     """One row per adapter and policy: error without and with it, the change, the resets."""
     protocol = build_protocol(protocol_name, pool.domains, pool.labels, args.seed, args.batch)
-    plain = [variant(name) for name in args.adapters]
+    plain = [VARIANTS[label] for label in args.adapters]
     guarded = [
         (off, Variant(f"{off.label}+{name}", off.adapter, off.config, auto_reset=policy))
         for off in plain
@@ -103,7 +103,14 @@ def main() -> None:
     p.add_argument("--dirichlet-corruptions", type=int, default=0, help="the first N only (0: all)")
     p.add_argument("--severity", type=int, default=5)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--adapters", nargs="+", default=list(ADAPTERS))
+    p.add_argument(
+        "--adapters",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(ADAPTERS),
+        metavar="LABEL",
+        help="variants by label, e.g. 'balanced(window=1000.0, window_min=100.0, d0=0.02)'",
+    )
     p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
     p.add_argument(
         "--policy",

@@ -27,6 +27,21 @@ paper's fixed-momentum EMA (named deviations):
   n / (n + n0 L) on the class's target estimate; a class not predicted yet is the source.
 The paper's class-agnostic blend (gamma, for many classes) is not implemented.
 
+Pooled prior (an extension, with ``pooled_prior_images``): a young stream has few images per
+class, so the source prior above normalises its first hundreds of images with statistics close to
+the source (the first batch with the source itself). With it, a class's prior is the stream's
+pooled statistic instead: AdaBN over all the stream's remembered images and the current batch
+(update, then normalise), mixed with the source with its own prior n0' images,
+
+    pooled = mix(c N / (N + n0' L), chan(sum_k class_k, batch), source),
+    class_k = mix(n_k / (n_k + n0 L), class_k, pooled),
+
+so a fresh stream starts as AdaBN with an n0'-image prior, and a class's own statistic takes
+over as its images arrive. c = exp(H(n / N)) / K is how evenly the remembered images cover the
+classes (1 before any image): on a label-correlated stream the pooled statistic is that of the
+few classes shown so far, and a class not seen yet would stand at them (AdaBN's drift), so
+there it stays near the source as before.
+
 Gated window (an extension, with ``window_min``): a class memory long enough to resist a label-
 correlated stream forgets a domain too slowly. The window then follows a divergence gate, as the
 ``gated`` adapter's momentum does: per layer, D is the Jeffreys divergence between an EMA of the
@@ -46,7 +61,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor
 
-from adapters.base import NONNEGATIVE, Adapter, HParams, Moments, SourceStats, State, linear_mix
+from adapters.base import (
+    NONNEGATIVE,
+    Adapter,
+    HParams,
+    Moments,
+    SourceStats,
+    State,
+    chan_merge,
+    linear_mix,
+)
 from adapters.gated import divergence, ema_fold, ema_gaussian
 
 
@@ -74,6 +98,13 @@ class BalancedConfig(BaseModel):
     )
     d0: float = Field(0.1, gt=0, le=1e6, description="gated: divergence at which it is half-way")
     recent_images: float = Field(64.0, ge=1, le=1e6, description="gated: the recent EMA's memory")
+    pooled_prior_images: float | None = Field(
+        None,
+        ge=0,
+        le=1e9,
+        description="a class's prior is the stream's pooled statistic, with this source prior "
+        "in images (None: the source)",
+    )
 
     @field_validator("classes")
     @classmethod
@@ -167,16 +198,37 @@ def update(state: State, moments: Moments, source: SourceStats, hp: HParams) -> 
 def class_gaussians(
     state: State, moments: Moments, source: SourceStats, hp: HParams
 ) -> tuple[Tensor, Tensor]:
-    """Each class's mean and variance with its source prior, [S, K, C]."""
+    """Each class's mean and variance with its prior (the source or the pooled statistic),
+    [S, K, C]."""
     n = state["n"]
     seen = n > 0
     weight = torch.where(seen, n / (n + hp["prior_images"][:, None] * moments.pixels), 0.0)
-    streams, classes = n.shape
     var = state["m2"] / torch.where(seen, n, 1.0)[..., None]
-    means, variances = linear_mix(
-        weight.flatten(), state["mean"].flatten(0, 1), var.flatten(0, 1), source
+    a = weight[..., None]
+    prior_mean, prior_var = pooled_prior(state, moments, source, hp)
+    return (1 - a) * prior_mean + a * state["mean"], (1 - a) * prior_var + a * var
+
+
+def pooled_prior(
+    state: State, moments: Moments, source: SourceStats, hp: HParams
+) -> tuple[Tensor, Tensor]:
+    """Each stream's class prior, [S, 1, C]: the source, or with ``pooled_prior_images`` the
+    stream's pooled statistic (its classes and the current batch, Chan-merged) mixed with the
+    source with weight c N / (N + n0' L), c the classes' coverage; None (``inf``) gives weight
+    0, the source."""
+    n, mean = state["n"], state["mean"]
+    total = n.sum(-1)
+    pooled_mean = (n[..., None] * mean).sum(1) / total.clamp(min=1)[:, None]
+    pooled_m2 = state["m2"].sum(1) + (n[..., None] * (mean - pooled_mean[:, None]).square()).sum(1)
+    count, pooled_mean, pooled_m2 = chan_merge(total, pooled_mean, pooled_m2, moments)
+    # how evenly the remembered images cover the classes: exp(entropy) / K, 1 for no images
+    coverage = torch.special.entr(n / total.clamp(min=1)[:, None]).sum(-1).exp() / n.shape[-1]
+    coverage = torch.where(total > 0, coverage, 1.0)
+    weight = coverage * count / (count + hp["pooled_prior_images"] * moments.pixels).clamp(min=1)
+    prior_mean, prior_var = linear_mix(
+        weight, pooled_mean, pooled_m2 / count.clamp(min=1)[:, None], source
     )
-    return means.view(streams, classes, -1), variances.view(streams, classes, -1)
+    return prior_mean[:, None], prior_var[:, None]
 
 
 def norm_stats(

@@ -112,7 +112,9 @@ MAIN_VARIANTS = (
 
 # Candidates for a server default that is never worse than source (section "A default ..."):
 # AdaBN with a source prior of n0 images (Schneider et al.), optionally windowed (an EMA, for
-# continual streams); the momentum method with its schedule in batches of 64 images.
+# continual streams); the momentum method with its schedule in batches of 64 images; class-
+# balanced statistics with longer or gated class memories, and the gated one with a pooled prior
+# for young streams (the server's default).
 CANDIDATES = (
     variant("adabn", prior_images=16),
     variant("adabn", prior_images=64),
@@ -121,6 +123,7 @@ CANDIDATES = (
     variant("balanced", window=1000.0),
     variant("balanced", window=4000.0),
     variant("balanced", window=1000.0, window_min=100.0, d0=0.02),
+    variant("balanced", window=1000.0, window_min=100.0, d0=0.02, pooled_prior_images=64.0),
 )
 
 # Every variant the benchmarks know, by label: what --variants (and bench.safety's --adapters) take.

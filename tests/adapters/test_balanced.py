@@ -93,6 +93,81 @@ def test_prior_and_window_per_class() -> None:
     assert n.sum().item() == n[label].item()
 
 
+def pooled_reference(
+    seen: dict[int, list[torch.Tensor]], batch: torch.Tensor, bn, n0: float, n0_pooled: float
+) -> tuple[torch.Tensor, ...]:
+    """The pooled prior from the pixels: every image seen and the batch, mixed with the source
+    by c N / (N + n0' L), c the perplexity of the seen images' classes over K (1 before any);
+    each class mixed with it by n_k / (n_k + n0 L); the uniform mixture of the classes."""
+    mu_s, var_s = bn.running_mean.double(), bn.running_var.double()
+    image = SIZE * SIZE
+    everything = pixels(torch.cat([*(x for xs in seen.values() for x in xs), batch]))
+    shares = torch.tensor([float(len(xs)) for xs in seen.values()]).double()
+    shares /= shares.sum()
+    coverage = (-(shares * shares.log()).sum()).exp() / CLASSES if seen else 1.0
+    a = coverage * everything.shape[1] / (everything.shape[1] + n0_pooled * image)
+    prior_mean = (1 - a) * mu_s + a * everything.mean(1)
+    prior_var = (1 - a) * var_s + a * everything.var(1, unbiased=False)
+    means, variances = [], []
+    for k in range(CLASSES):
+        p = pixels(torch.cat(seen[k])) if k in seen else torch.empty(CHANNELS, 0).double()
+        w = p.shape[1] / (p.shape[1] + n0 * image)
+        mean_k = p.mean(1) if k in seen else prior_mean
+        var_k = p.var(1, unbiased=False) if k in seen else prior_var
+        means.append((1 - w) * prior_mean + w * mean_k)
+        variances.append((1 - w) * prior_var + w * var_k)
+    m, v = torch.stack(means), torch.stack(variances)
+    mean = m.mean(0)
+    return mean, (v + (m - mean).square()).mean(0)
+
+
+def test_pooled_prior_from_the_pixels() -> None:
+    """With ``pooled_prior_images`` a class's prior is the stream's pooled statistic (every image
+    remembered and the current batch, with its own source prior, scaled by how evenly the
+    remembered images cover the classes), not the source."""
+    net = one_layer(CHANNELS)
+    engine = Engine(net, num_classes=CLASSES)
+    config = {**FAITHFUL, "prior_images": 2.0, "pooled_prior_images": 3.0}
+    stream = engine.open_stream("balanced", config)
+    seen: dict[int, list[torch.Tensor]] = {}
+    for step, n in enumerate((5, 1, 7, 3)):
+        x = layer_input(n, step, shift=0.7 * step)
+        out = layer_output(engine, x, stream)
+        expected = apply_bn(net[0], x, *pooled_reference(seen, x, net[0], 2.0, 3.0))
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        for image, label in zip(x, out.flatten(1).argmax(1).tolist(), strict=True):
+            seen.setdefault(label, []).append(image[None])
+    assert 1 < len(seen) < CLASSES  # classes with images of their own, coverage below 1
+
+
+@pytest.mark.parametrize("n0", [0.0, 16.0])
+def test_pooled_prior_starts_a_stream_as_adabn(n0: float) -> None:
+    """A fresh stream's first batch is normalised as AdaBN with an n0'-image source prior
+    normalises it (the batch is the pooled statistic; no class has an image yet)."""
+    engine = Engine(one_layer(CHANNELS), num_classes=CLASSES)
+    balanced = engine.open_stream("balanced", {**FAITHFUL, "pooled_prior_images": n0})
+    adabn = engine.open_stream("adabn", {"prior_images": n0})
+    x = layer_input(6, 0, shift=0.7)
+    torch.testing.assert_close(layer_output(engine, x, balanced), layer_output(engine, x, adabn))
+
+
+@pytest.mark.parametrize("n0", [0.0, 16.0])
+def test_one_class_with_a_pooled_prior_is_adabn(n0: float) -> None:
+    """With K = 1 the classes cover themselves (coverage 1) and a class that never outweighs its
+    prior (n0 huge) leaves the pooled statistic: AdaBN with an n0'-image source prior, update
+    then normalise, at every step (N = 1 included)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*one_layer(CHANNELS), torch.nn.Linear(CLASSES, 1)).eval()
+    engine = Engine(net, num_classes=1)
+    config = {"prior_images": 1e9, "window": 1e9, "pooled_prior_images": n0}
+    balanced = engine.open_stream("balanced", config)
+    adabn = engine.open_stream("adabn", {"prior_images": n0})
+    for step, n in enumerate((1, 6, 1, 3)):
+        x = layer_input(n, step, shift=0.7 * step)
+        expected = engine.forward(x, [(adabn, n)]).logits
+        torch.testing.assert_close(engine.forward(x, [(balanced, n)]).logits, expected)
+
+
 class SignOfChannel0(torch.nn.Module):
     """A BatchNorm layer whose output does not decide the class: the class is the sign of
     channel 0's mean in the raw input (0 if positive), so every image's label is known."""

@@ -8,10 +8,17 @@ from pydantic import ValidationError
 from torch import nn
 
 from adapters import ADAPTERS, StateMismatchError, UnknownAdapterError, get_adapter
+from adapters.presets import PRESETS, preset_config
 from engine.core import Engine
 from tests.adapters.conftest import images, tiny_net
 
 NAMES = sorted(ADAPTERS)
+# every adapter under each of its named presets (the configs users pick by name)
+PRESET_CONFIGS = [
+    pytest.param(name, preset_config(name, preset), id=f"{name}-{preset}")
+    for name in NAMES
+    for preset in PRESETS[name]
+]
 
 
 class Tripwire(nn.Module):
@@ -36,27 +43,27 @@ def snapshot(engine: Engine, *streams) -> list[bytes]:
     return [engine.export_stream(s) for s in streams]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_shapes_and_finite(name: str) -> None:
+@pytest.mark.parametrize(("name", "config"), PRESET_CONFIGS)
+def test_shapes_and_finite(name: str, config: dict) -> None:
     engine = Engine(tiny_net(), num_classes=5)
-    stream = engine.open_stream(name)
+    stream = engine.open_stream(name, config)
     for n in (1, 4, 9):
         logits = engine.forward(images(n, n, shift=1.0), [(stream, n)]).logits
         assert logits.shape == (n, 5)
         assert bool(torch.isfinite(logits).all())
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_streams_are_isolated(name: str) -> None:
+@pytest.mark.parametrize(("name", "config"), PRESET_CONFIGS)
+def test_streams_are_isolated(name: str, config: dict) -> None:
     """Another stream's batches, alone or in the same forward, never move this stream."""
     engine = Engine(tiny_net(), num_classes=5)
-    a, b = engine.open_stream(name, seed=1), engine.open_stream(name, seed=2)
+    a, b = engine.open_stream(name, config, seed=1), engine.open_stream(name, config, seed=2)
     engine.forward(images(3, 0), [(a, 3)])
     before = snapshot(engine, a)
     engine.forward(images(5, 1, shift=2.0), [(b, 5)])
     assert snapshot(engine, a) == before
     solo = Engine(tiny_net(), num_classes=5)
-    c = solo.open_stream(name, seed=1)
+    c = solo.open_stream(name, config, seed=1)
     solo.forward(images(3, 0), [(c, 3)])
     x = images(4, 2, shift=1.0)
     together = engine.forward(torch.cat([x, images(6, 3, shift=3.0)]), [(a, 4), (b, 6)]).logits

@@ -222,7 +222,10 @@ def pooled_prior(
     pooled_m2 = state["m2"].sum(1) + (n[..., None] * (mean - pooled_mean[:, None]).square()).sum(1)
     count, pooled_mean, pooled_m2 = chan_merge(total, pooled_mean, pooled_m2, moments)
     # how evenly the remembered images cover the classes: exp(entropy) / K, 1 for no images
-    coverage = torch.special.entr(n / total.clamp(min=1)[:, None]).sum(-1).exp() / n.shape[-1]
+    # (-p log p written out: torch.special.entr does not export to ONNX)
+    share = n / total.clamp(min=1)[:, None]
+    entropy = -(share * share.clamp(min=1e-300).log()).sum(-1)
+    coverage = entropy.exp() / n.shape[-1]
     coverage = torch.where(total > 0, coverage, 1.0)
     weight = coverage * count / (count + hp["pooled_prior_images"] * moments.pixels).clamp(min=1)
     prior_mean, prior_var = linear_mix(

@@ -113,8 +113,8 @@ MAIN_VARIANTS = (
 # Candidates for a server default that is never worse than source (section "A default ..."):
 # AdaBN with a source prior of n0 images (Schneider et al.), optionally windowed (an EMA, for
 # continual streams); the momentum method with its schedule in batches of 64 images; class-
-# balanced statistics with longer or gated class memories, and the gated one with a pooled prior
-# for young streams (the server's default).
+# balanced statistics with longer or gated class memories (the gated one is the server's
+# default), and the gated one with a pooled prior for young streams (the preset short_streams).
 CANDIDATES = (
     variant("adabn", prior_images=16),
     variant("adabn", prior_images=64),
